@@ -1,0 +1,202 @@
+"""Every URI the platform touches goes through here: local paths, ``file://`` and ``s3://``.
+
+S3 settings come from the standard environment variables, so MinIO and AWS both work:
+``AWS_ENDPOINT_URL_S3`` (or ``AWS_ENDPOINT_URL``), ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``AWS_DEFAULT_REGION``. Writes are atomic: a reader sees the old object or the whole new one, never half.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import tempfile
+import uuid
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlparse
+
+import fsspec
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+S3_ENV_VARS = (
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+)
+
+
+class StorageError(RuntimeError):
+    """A URI that cannot be read or written, with the reason in the message."""
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def strip_scheme(uri: str) -> str:
+    """``s3://b/k`` -> ``b/k``; ``file:///x`` -> ``/x``; plain paths unchanged."""
+    uri = str(uri)
+    if uri.startswith("file://"):
+        return urlparse(uri).path
+    if is_s3(uri):
+        return uri[len("s3://") :]
+    return uri
+
+
+def join(uri: str, *parts: str) -> str:
+    uri = str(uri)
+    if is_s3(uri) or uri.startswith("file://"):
+        return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(Path(uri, *parts))
+
+
+def s3_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def s3_env() -> dict[str, str]:
+    """The S3 variables set in this process, to forward to Ray workers through ``runtime_env``."""
+    return {k: os.environ[k] for k in S3_ENV_VARS if k in os.environ}
+
+
+def check_endpoint(endpoint: str | None = None, timeout: float = 3.0) -> None:
+    """Fail fast, naming the endpoint, when an S3 endpoint does not accept connections."""
+    endpoint = endpoint or s3_endpoint()
+    if not endpoint:
+        return
+    parsed = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+    except OSError as err:
+        raise StorageError(f"S3 endpoint {endpoint} is not reachable ({err}); check AWS_ENDPOINT_URL_S3") from None
+
+
+@lru_cache(maxsize=8)
+def _s3fs(endpoint: str | None, key: str | None, secret: str | None, region: str | None):
+    import s3fs
+
+    client_kwargs = {"region_name": region} if region else {}
+    if endpoint:
+        client_kwargs["endpoint_url"] = endpoint
+    return s3fs.S3FileSystem(
+        key=key,
+        secret=secret,
+        anon=False,
+        client_kwargs=client_kwargs,
+        config_kwargs={"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3}},
+        use_listings_cache=False,
+        skip_instance_cache=True,
+    )
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for ``uri`` and the path inside it."""
+    if is_s3(uri):
+        check_endpoint()
+        env = os.environ
+        fs = _s3fs(s3_endpoint(), env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY"), env.get("AWS_DEFAULT_REGION"))
+        return fs, strip_scheme(uri)
+    return fsspec.filesystem("file"), os.path.abspath(strip_scheme(uri))
+
+
+def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """pyarrow's own filesystem (not boto) for ``uri``: what Ray Train and Ray Data are given."""
+    if is_s3(uri):
+        check_endpoint()
+        endpoint = s3_endpoint()
+        kwargs: dict = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+        if endpoint:
+            parsed = urlparse(endpoint)
+            kwargs["endpoint_override"] = parsed.netloc or endpoint
+            kwargs["scheme"] = parsed.scheme or "https"
+        if "AWS_ACCESS_KEY_ID" in os.environ:
+            kwargs["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
+            kwargs["secret_key"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+        return pafs.S3FileSystem(**kwargs), strip_scheme(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(strip_scheme(uri))
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def makedirs(uri: str) -> None:
+    fs, path = filesystem(uri)
+    if not is_s3(uri):
+        fs.makedirs(path, exist_ok=True)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    try:
+        with fs.open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise StorageError(f"{uri}: no such file") from None
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Atomic write: a temporary sibling renamed into place locally; one PUT on S3 (atomic by design)."""
+    fs, path = filesystem(uri)
+    if is_s3(uri):
+        fs.pipe_file(path, data)
+        return
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def write_parquet(table: pa.Table, uri: str) -> None:
+    """Serialise in memory, then one atomic write."""
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    write_bytes(uri, sink.getvalue())
+
+
+def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    fs, path = arrow_filesystem(uri)
+    try:
+        return pq.read_table(path, filesystem=fs, columns=columns)
+    except FileNotFoundError:
+        raise StorageError(f"{uri}: no such Parquet file") from None
+
+
+def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
+    """All files under a prefix (recursive), as full URIs in sorted order; a single file lists itself."""
+    fs, path = filesystem(uri)
+    if fs.isfile(path):
+        found = [path]
+    else:
+        found = [p for p in fs.find(path) if not os.path.basename(p).startswith(".")]
+    if suffixes:
+        found = [p for p in found if p.lower().endswith(suffixes)]
+    prefix = "s3://" if is_s3(uri) else ""
+    return sorted(prefix + p for p in found)
+
+
+def unique_suffix() -> str:
+    return uuid.uuid4().hex[:12]

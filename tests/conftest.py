@@ -1,0 +1,130 @@
+"""Shared fixtures: a real S3 server on loopback, the synthetic dataset, and (lazily) a trained cpu-quick model.
+
+Expensive things are built once per test session and reused by every test that asks for them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto in server mode on a free loopback port: s3fs, boto and pyarrow's own S3 client all reach it over HTTP."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ENDPOINT_URL_S3": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield endpoint
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh, empty bucket; returns ``s3://name``."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+def reset_s3(endpoint: str) -> None:
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")).close()
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory) -> str:
+    """The embedded default: 6 identities x 7 expressions, 64x64, seed 0 (about 10k images, ~15 s on 2 cores)."""
+    from pprl.data.generate import SynthSpec, generate
+
+    out = str(tmp_path_factory.mktemp("synth") / "ferg-like")
+    generate(out, SynthSpec(seed=0), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> str:
+    """A small dataset for plumbing tests: 6 identities x 7 expressions x 12 images, 64x64."""
+    from pprl.data.generate import SynthSpec, generate
+
+    out = str(tmp_path_factory.mktemp("synth-small") / "small")
+    generate(out, SynthSpec(images_per_cell=12, seed=1), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """A real ``ray start --head`` on free ports, shared by the tests that need a cluster.
+
+    Yields ``{"address": "127.0.0.1:PORT", "dashboard": "http://127.0.0.1:PORT"}``. The head runs with
+    ``--block`` in its own process group so that stopping it stops this head only, never another Ray on the machine.
+    """
+    import signal
+    import subprocess
+    import time
+
+    ports = {name: free_port() for name in ("port", "dashboard", "client", "node", "object", "metrics", "agent_grpc", "agent_http", "runtime_env")}
+    temp_dir = Path(f"/tmp/ray-{uuid.uuid4().hex[:8]}")  # short: Ray's socket paths must stay under 107 chars
+    cmd = [
+        str(Path(os.sys.executable).parent / "ray"), "start", "--head", "--block",
+        f"--port={ports['port']}", "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
+        f"--ray-client-server-port={ports['client']}", f"--node-manager-port={ports['node']}",
+        f"--object-manager-port={ports['object']}", f"--metrics-export-port={ports['metrics']}",
+        f"--dashboard-agent-grpc-port={ports['agent_grpc']}", f"--dashboard-agent-listen-port={ports['agent_http']}",
+        f"--runtime-env-agent-port={ports['runtime_env']}",
+        "--num-cpus=4", f"--temp-dir={temp_dir}", "--include-dashboard=true", "--disable-usage-stats",
+    ]
+    log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+    address = f"127.0.0.1:{ports['port']}"
+    dashboard = f"http://127.0.0.1:{ports['dashboard']}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{dashboard}/api/version", timeout=2).close()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {proc.returncode}; see {log.name}")
+            time.sleep(1)
+    else:
+        raise RuntimeError(f"Ray dashboard did not come up at {dashboard}; see {log.name}")
+    yield {"address": address, "dashboard": dashboard, "temp_dir": str(temp_dir)}
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole group: GCS, raylet, dashboard, workers of this head
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
