@@ -105,7 +105,7 @@ def ray_head(tmp_path_factory):
         f"--runtime-env-agent-port={ports['runtime_env']}",
         "--num-cpus=4", f"--temp-dir={temp_dir}", "--include-dashboard=true", "--disable-usage-stats",
     ]
-    log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")
+    log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")  # noqa: SIM115 (lives as long as the head)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
     address = f"127.0.0.1:{ports['port']}"
     dashboard = f"http://127.0.0.1:{ports['dashboard']}"
@@ -116,15 +116,13 @@ def ray_head(tmp_path_factory):
             break
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(f"ray start exited with {proc.returncode}; see {log.name}")
+                raise RuntimeError(f"ray start exited with {proc.returncode}; see {log.name}") from None
             time.sleep(1)
     else:
         raise RuntimeError(f"Ray dashboard did not come up at {dashboard}; see {log.name}")
     yield {"address": address, "dashboard": dashboard, "temp_dir": str(temp_dir)}
     os.killpg(proc.pid, signal.SIGTERM)  # the whole group: GCS, raylet, dashboard, workers of this head
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)

@@ -188,10 +188,7 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
 def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
     """All files under a prefix (recursive), as full URIs in sorted order; a single file lists itself."""
     fs, path = filesystem(uri)
-    if fs.isfile(path):
-        found = [path]
-    else:
-        found = [p for p in fs.find(path) if not os.path.basename(p).startswith(".")]
+    found = [path] if fs.isfile(path) else [p for p in fs.find(path) if not os.path.basename(p).startswith(".")]
     if suffixes:
         found = [p for p in found if p.lower().endswith(suffixes)]
     prefix = "s3://" if is_s3(uri) else ""
