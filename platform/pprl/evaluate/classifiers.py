@@ -1,0 +1,310 @@
+"""The attackers and judges of the evaluation: the authors' CNN and MLP, and stronger ones.
+
+``Privacy_vs_Utility_check.py`` (see docs/evaluation.md) trains a small CNN on images and an MLP on latents with
+SGD(0.005, momentum 0.9, Nesterov), batch 256, 10 epochs, keeping the best epoch *on the test set*. Here the
+best epoch is picked on a validation split carved from the training data, so the test split is touched once.
+
+Inputs: images as uint8 NHWC arrays (converted per batch to float NCHW in [-1, 1], channels-last), latents as
+float32 (N, D) arrays.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+IMAGE_ARCHS = ("paper-cnn", "resnet")
+LATENT_ARCHS = ("paper-mlp", "mlp-deep")
+
+
+@dataclass(frozen=True)
+class FitSpec:
+    """How one classifier is built and trained."""
+
+    arch: str  # paper-cnn | resnet (images), paper-mlp | mlp-deep (latents)
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 0.005
+    momentum: float = 0.9  # Nesterov, as the authors
+    weight_decay: float = 0.0  # Keras' decay=1e-7 is an lr time decay, negligible over 10 epochs: left out
+    cosine: bool = False  # cosine learning-rate schedule over all epochs
+    augment: bool = False  # random shift, horizontal flip, brightness/contrast jitter (images only)
+    val_fraction: float = 0.1  # carved from the training data, stratified by label, to pick the epoch
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.arch not in IMAGE_ARCHS + LATENT_ARCHS:
+            raise ValueError(f"unknown classifier arch {self.arch!r}; choose one of {', '.join(IMAGE_ARCHS + LATENT_ARCHS)}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1 (got {self.epochs}, {self.batch_size})")
+        if not 0 < self.val_fraction < 0.5:
+            raise ValueError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+
+
+def paper_spec(arch: str, epochs: int = 10, seed: int = 0) -> FitSpec:
+    """The authors' optimiser settings."""
+    return FitSpec(arch=arch, epochs=epochs, seed=seed)
+
+
+def strong_spec(arch: str, epochs: int = 30, seed: int = 0) -> FitSpec:
+    """The stronger attacker: deeper network, augmentation (images), weight decay, cosine schedule, longer."""
+    if arch == "resnet":
+        return FitSpec(arch, epochs=epochs, batch_size=128, lr=0.05, weight_decay=5e-4, cosine=True, augment=True, seed=seed)
+    return FitSpec(arch, epochs=epochs, batch_size=128, lr=0.02, weight_decay=1e-4, cosine=True, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------------------------- networks
+
+
+class PaperCNN(nn.Module):
+    """4 x [Conv(32) same -> LReLU .2 -> BN -> MaxPool 3x3 s2] (kernels 5,5,3,3) -> Dense 32 -> LReLU -> Dropout .5 -> N.
+
+    Works at any size divisible by 16 (64 in the paper; the model's size here). PyTorch pads the pooling 1+1
+    where TF 'same' pads 0+1: same output size, a one-pixel different alignment.
+    """
+
+    def __init__(self, num_classes: int, size: int):
+        super().__init__()
+        if size % 16:
+            raise ValueError(f"the paper CNN needs an image size divisible by 16, got {size}")
+        layers: list[nn.Module] = []
+        channels = 3
+        for kernel in (5, 5, 3, 3):
+            layers += [nn.Conv2d(channels, 32, kernel, padding=kernel // 2), nn.LeakyReLU(0.2), nn.BatchNorm2d(32), nn.MaxPool2d(3, 2, 1)]
+            channels = 32
+        self.trunk = nn.Sequential(*layers, nn.Flatten(), nn.Linear(32 * (size // 16) ** 2, 32), nn.LeakyReLU(0.2))
+        self.head = nn.Sequential(nn.Dropout(0.5), nn.Linear(32, num_classes))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.skip = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.skip = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.skip(x))
+
+
+class SmallResNet(nn.Module):
+    """A narrow ResNet (one basic block per stage) sized to train on 2 CPU cores; input downsampled to <= 32 px first."""
+
+    def __init__(self, num_classes: int, size: int, widths: tuple[int, ...] = (16, 32, 64)):
+        super().__init__()
+        self.pool = max(1, size // 32)  # 64 px -> average-pooled to 32 px: the stem stays cheap
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        blocks, cin = [], widths[0]
+        for i, width in enumerate(widths):
+            blocks.append(BasicBlock(cin, width, 1 if i == 0 else 2))
+            cin = width
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(cin, num_classes))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool > 1:
+            x = F.avg_pool2d(x, self.pool)
+        return F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class MLP(nn.Module):
+    """``depth`` x [Dense width -> LReLU .2 -> Dropout] -> N. The authors' latent MLP is depth 3, width 128, dropout .25."""
+
+    def __init__(self, in_dim: int, num_classes: int, width: int = 128, depth: int = 3, dropout: float = 0.25, norm: bool = False):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            layers += [nn.Linear(in_dim if i == 0 else width, width)]
+            if norm:
+                layers += [nn.BatchNorm1d(width)]
+            layers += [nn.LeakyReLU(0.2)]
+            if i < depth - 1:
+                layers += [nn.Dropout(dropout)]
+        self.trunk = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(width, num_classes))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x))
+
+
+def build(arch: str, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    """``input_shape``: (H, W, 3) for images, (D,) for latents."""
+    if arch in IMAGE_ARCHS:
+        if len(input_shape) != 3 or input_shape[0] != input_shape[1] or input_shape[2] != 3:
+            raise ValueError(f"{arch} needs square RGB images (H, W, 3), got shape {input_shape}")
+        return PaperCNN(num_classes, input_shape[0]) if arch == "paper-cnn" else SmallResNet(num_classes, input_shape[0])
+    if len(input_shape) != 1:
+        raise ValueError(f"{arch} needs flat latent vectors (D,), got shape {input_shape}")
+    if arch == "paper-mlp":
+        return MLP(input_shape[0], num_classes)
+    return MLP(input_shape[0], num_classes, width=512, depth=4, dropout=0.3, norm=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class Fitted:
+    """A trained classifier (best validation epoch) and how it got there."""
+
+    spec: FitSpec
+    model: nn.Module
+    num_classes: int
+    best_epoch: int
+    val_accuracy: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        return {"spec": asdict(self.spec), "best_epoch": self.best_epoch, "val_accuracy": self.val_accuracy,
+                "seconds": round(self.seconds, 1), "history": self.history}
+
+    def predict_proba(self, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+        return _map_batches(self.model, x, batch_size, lambda m, b: F.softmax(m(b), dim=1))
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.predict_proba(x).argmax(1).astype(np.int64)
+
+    def features(self, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+        """Penultimate-layer activations: the attacker's feature space (linkage attack)."""
+        return _map_batches(self.model, x, batch_size, lambda m, b: m.features(b))
+
+    def accuracy(self, x: np.ndarray, labels: np.ndarray) -> float:
+        return accuracy(self.predict(x), labels)
+
+
+def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
+    labels = np.asarray(labels)
+    return float((np.asarray(predictions) == labels).mean()) if len(labels) else float("nan")
+
+
+def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, validation indices): ``fraction`` of every class, at least one when a class has 2+ members."""
+    rng = np.random.default_rng(seed)
+    val: list[np.ndarray] = []
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        n = min(max(int(round(len(members) * fraction)), 1), len(members) - 1) if len(members) > 1 else 0
+        val.append(members[:n])
+    val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
+    train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
+    return train_idx, val_idx
+
+
+def fit(spec: FitSpec, x: np.ndarray, y: np.ndarray, num_classes: int, device: str | torch.device = "cpu", log=None) -> Fitted:
+    """Train ``spec.arch`` on (x, y); keep the weights of the epoch with the best validation accuracy."""
+    x, y = _check_inputs(spec, x, y, num_classes)
+    torch.manual_seed(spec.seed)
+    rng = np.random.default_rng(spec.seed)
+    train_idx, val_idx = stratified_holdout(y, spec.val_fraction, spec.seed)
+    device = torch.device(device)
+    model = build(spec.arch, num_classes, x.shape[1:]).to(device)
+    if spec.arch in IMAGE_ARCHS:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, nesterov=True, weight_decay=spec.weight_decay)
+    steps_per_epoch = math.ceil(len(train_idx) / spec.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, spec.epochs * steps_per_epoch) if spec.cosine else None
+    fitted = Fitted(spec, model, num_classes, best_epoch=0, val_accuracy=-1.0)
+    best_state, start = None, time.time()
+    for epoch in range(1, spec.epochs + 1):
+        loss = _train_epoch(model, opt, sched, x, y, rng.permutation(train_idx), spec, device)
+        val_acc = fitted.accuracy(x[val_idx], y[val_idx])
+        fitted.history.append({"epoch": epoch, "train_loss": round(loss, 4), "val_accuracy": round(val_acc, 4)})
+        if log:
+            log(f"{spec.arch} epoch {epoch}/{spec.epochs}: loss {loss:.3f} val_acc {val_acc:.3f}")
+        if val_acc > fitted.val_accuracy:  # strictly better: the earliest best epoch, like Keras' save_best_only
+            fitted.val_accuracy, fitted.best_epoch = val_acc, epoch
+            best_state = copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    fitted.seconds = time.time() - start
+    return fitted
+
+
+def _check_inputs(spec: FitSpec, x: np.ndarray, y: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    x, y = np.asarray(x), np.asarray(y, dtype=np.int64)
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} inputs but {len(y)} labels")
+    if len(x) < 4:
+        raise ValueError(f"need at least 4 training examples, got {len(x)}")
+    if y.min() < 0 or y.max() >= num_classes:
+        raise ValueError(f"labels must be in [0, {num_classes}), got range [{y.min()}, {y.max()}]")
+    if spec.arch in IMAGE_ARCHS and x.dtype != np.uint8:
+        raise ValueError(f"{spec.arch} takes uint8 NHWC images, got dtype {x.dtype}")
+    return x, y
+
+
+def _train_epoch(model, opt, sched, x, y, order, spec: FitSpec, device) -> float:
+    model.train()
+    total, count = 0.0, 0
+    for start in range(0, len(order), spec.batch_size):
+        idx = np.sort(order[start : start + spec.batch_size])
+        if len(idx) < 2:  # BatchNorm cannot train on a single example
+            continue
+        batch = to_tensor(x[idx], device)
+        if spec.augment:
+            batch = augment(batch)
+        target = torch.as_tensor(y[idx], device=device)
+        loss = F.cross_entropy(model(batch), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        total += float(loss.detach()) * len(idx)
+        count += len(idx)
+    return total / max(count, 1)
+
+
+def to_tensor(x: np.ndarray, device) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1] (channels-last memory); float latents pass through."""
+    t = torch.from_numpy(np.array(x)).to(device)  # a copy: Ray's object-store arrays are read-only
+    if t.dtype == torch.uint8:
+        return (t.permute(0, 3, 1, 2).float() / 127.5 - 1.0).contiguous(memory_format=torch.channels_last)
+    return t.float()
+
+
+def augment(batch: torch.Tensor) -> torch.Tensor:
+    """Random shift (up to size/16 px, reflect-padded), horizontal flip, brightness/contrast jitter of +-15%."""
+    n, _, h, w = batch.shape
+    pad = max(1, h // 16)
+    padded = F.pad(batch, (pad, pad, pad, pad), mode="reflect")
+    dx, dy = torch.randint(0, 2 * pad + 1, (2, n)).tolist()
+    shifted = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+    flip = torch.rand(n, device=batch.device) < 0.5
+    shifted = torch.where(flip[:, None, None, None], shifted.flip(3), shifted)
+    gain = 1 + (torch.rand(n, 1, 1, 1, device=batch.device) - 0.5) * 0.3
+    bias = (torch.rand(n, 1, 1, 1, device=batch.device) - 0.5) * 0.3
+    mean = shifted.mean(dim=(1, 2, 3), keepdim=True)
+    return ((shifted - mean) * gain + mean + bias).clamp(-1, 1).contiguous(memory_format=torch.channels_last)
+
+
+@torch.no_grad()
+def _map_batches(model: nn.Module, x: np.ndarray, batch_size: int, fn) -> np.ndarray:
+    model.eval()
+    device = next(model.parameters()).device
+    outs = [fn(model, to_tensor(x[i : i + batch_size], device)).float().cpu().numpy() for i in range(0, len(x), batch_size)]
+    return np.concatenate(outs) if outs else np.zeros((0,), np.float32)

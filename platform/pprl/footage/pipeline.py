@@ -1,0 +1,612 @@
+"""Anonymise archived footage: one video streamed frame by frame, many videos in parallel as Ray tasks.
+
+Per video (``process_video``)::
+
+    decode (PyAV) -> detect faces (batch of frames) -> track (IoU, bridges 1-2 missed frames)
+      -> crop with margin -> Anonymizer.run on every face of a batch of frames at once -> feathered paste-back
+      -> encode at the input's timestamps, audio packets remuxed unchanged -> faces.parquet rows (streamed)
+
+Only ``batch_frames + max_gap`` decoded frames are held at a time. The video and its ``faces.parquet`` are written
+to staging files and moved into place when complete, the video first: an existing ``faces.parquet`` means the video
+is finished, which is what a rerun checks. The run-level ``index.parquet`` is rewritten (atomically) after every
+video, so a crash loses no finished video and a rerun picks up where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import secrets
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from itertools import islice
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pprl import storage
+from pprl.config import EXPRESSIONS
+from pprl.footage.detect import DetectorSpec, make_detector
+from pprl.footage.paste import crop_region, extract, paste
+from pprl.footage.track import Face, IoUTracker
+from pprl.footage.video import VIDEO_SUFFIXES, EncodeOptions, Frame, VideoReader, VideoWriter
+from pprl.serve import schema as face_schema
+from pprl.serve.security import pseudonym_identity
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "index.parquet"
+FACES_SUFFIX = ".faces.parquet"
+SUMMARY_KEY = b"pprl.footage.summary"  # faces.parquet metadata: the video's index row, so the index can be rebuilt
+
+_SHARED = ("target_identity", "expression", "expression_probs", "latent", "model_version", "error")
+FACES_SCHEMA = pa.schema(
+    [
+        pa.field("video_uri", pa.string(), nullable=False),  # the input video
+        pa.field("frame_index", pa.int64(), nullable=False),  # 0-based decoded frame number
+        pa.field("timestamp", pa.float64(), nullable=False),  # seconds, from the frame's presentation time
+        pa.field("track_id", pa.int32(), nullable=False),  # per video, from 0
+        pa.field("box", pa.list_(pa.float32(), 4)),  # x0, y0, x1, y1 in full-resolution pixels
+        pa.field("score", pa.float32()),  # detector score; null for bridged faces
+        pa.field("bridged", pa.bool_()),  # box interpolated by the tracker over a missed detection
+        *(f for f in face_schema.FACE_FIELDS if f.name in _SHARED),  # same names and types as the batch jobs
+    ],
+    metadata={"pprl.schema": "footage-faces/v1"},
+)
+INDEX_SCHEMA = pa.schema(
+    [
+        pa.field("video_uri", pa.string(), nullable=False),
+        pa.field("output_uri", pa.string()),
+        pa.field("faces_uri", pa.string()),
+        pa.field("status", pa.string(), nullable=False),  # done | error
+        pa.field("frames", pa.int64()),
+        pa.field("faces", pa.int64()),
+        pa.field("tracks", pa.int64()),
+        pa.field("seconds", pa.float64()),  # wall time spent on the video
+        pa.field("error", pa.string()),
+        pa.field("model_version", pa.string()),
+        pa.field("finished_at", pa.string()),  # ISO 8601, UTC
+    ],
+    metadata={"pprl.schema": "footage-index/v1"},
+)
+
+
+# --- options ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TargetPolicy:
+    """Which identity each track is rendered as.
+
+    - ``random-per-track``: a draw per (run seed, video, track): one identity per track, unrelated across tracks.
+    - ``fixed N``: every face becomes identity N.
+    - ``pseudonym``: HMAC(key, video path + track id): reproducible with the key, unlinkable without it.
+    """
+
+    kind: str = "random-per-track"
+    index: int | None = None
+    key: str | None = None
+    seed: int | None = None
+
+    @classmethod
+    def parse(cls, text: str, key: str | None = None, seed: int | None = None) -> TargetPolicy:
+        words = text.replace(":", " ").replace("=", " ").split()
+        if words == ["random-per-track"]:
+            return cls("random-per-track", seed=seed)
+        if len(words) == 2 and words[0] == "fixed" and words[1].lstrip("-").isdigit():
+            return cls("fixed", index=int(words[1]))
+        if words == ["pseudonym"]:
+            if not key:
+                raise ValueError("--target-policy pseudonym needs --pseudonym-key (or PPRL_PSEUDONYM_KEY)")
+            return cls("pseudonym", key=key)
+        raise ValueError(f"--target-policy {text!r}: expected 'random-per-track', 'fixed N' or 'pseudonym'")
+
+    def resolved(self) -> TargetPolicy:
+        """Give ``random-per-track`` a seed for this run, so every task of the run draws consistently."""
+        if self.kind == "random-per-track" and self.seed is None:
+            return dataclasses.replace(self, seed=secrets.randbits(63))
+        return self
+
+    def check(self, num_identities: int) -> None:
+        if self.kind == "fixed" and not 0 <= (self.index or 0) < num_identities:
+            raise ValueError(f"--target-policy fixed {self.index}: the model has {num_identities} identities (0..{num_identities - 1})")
+
+    def target(self, rel: str, track_id: int, num_identities: int) -> int:
+        if self.kind == "fixed":
+            return int(self.index)
+        if self.kind == "pseudonym":
+            return pseudonym_identity(f"{rel}#track-{track_id}", self.key.encode("utf-8"), num_identities)
+        digest = hashlib.sha256(f"{self.seed}\0{rel}\0{track_id}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") % num_identities
+
+
+@dataclass(frozen=True)
+class FootageOptions:
+    """Everything a worker needs for one video (picklable: it travels to Ray tasks)."""
+
+    model: str  # model bundle folder, local or s3://
+    detector: DetectorSpec = field(default_factory=lambda: DetectorSpec("centerface"))
+    policy: TargetPolicy = field(default_factory=TargetPolicy)
+    margin: float = 0.14  # crop side = max(box w, h) * (1 + 2 margin): the face fills the crop as in training
+    feather: float = 0.15  # fraction of the crop side over which the paste fades out
+    batch_frames: int = 32  # frames detected and anonymised together (memory: this many decoded frames, plus max_gap)
+    max_faces_per_batch: int = 256  # crops per Anonymizer.run call
+    iou_threshold: float = 0.3
+    max_gap: int = 2  # missed detections bridged by the tracker, in frames
+    use_gpu: bool = False
+    encode: EncodeOptions = field(default_factory=EncodeOptions)
+    log_every: int = 500  # frames between progress lines in the worker log
+
+    def __post_init__(self) -> None:
+        if self.batch_frames < 1 or self.max_faces_per_batch < 1:
+            raise ValueError(f"batch_frames ({self.batch_frames}) and max_faces_per_batch ({self.max_faces_per_batch}) must be >= 1")
+        if not 0 <= self.margin <= 2 or not 0 <= self.feather <= 0.5:
+            raise ValueError(f"margin must be in [0, 2] (got {self.margin}) and feather in [0, 0.5] (got {self.feather})")
+
+
+@dataclass(frozen=True)
+class VideoTask:
+    """One input video and where its outputs go (the input tree mirrored under the output)."""
+
+    input_uri: str
+    rel: str  # path relative to the input root, '/'-separated
+    output_uri: str
+    faces_uri: str
+
+
+# --- one video -------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=2)
+def load_anonymizer(uri: str, device: str | None):
+    """One model per worker process, reused by every video the worker gets."""
+    from pprl.anonymizer import Anonymizer
+
+    return Anonymizer.load(uri, device=device)
+
+
+@dataclass
+class _Pending:
+    frame: Frame
+    faces: list[Face]
+
+
+class _FaceRows:
+    """Streams faces.parquet: one row group per batch of frames, so a long video's rows are never all in memory."""
+
+    def __init__(self, path: str):
+        self.writer = pq.ParquetWriter(path, FACES_SCHEMA, compression="zstd")
+        self.count = 0
+
+    def add(self, columns: dict[str, list]) -> None:
+        if columns["frame_index"]:
+            self.writer.write_table(pa.Table.from_pydict(columns, schema=FACES_SCHEMA))
+            self.count += len(columns["frame_index"])
+
+    def close(self, summary: dict[str, Any] | None) -> None:
+        if summary is not None:
+            self.writer.add_key_value_metadata({SUMMARY_KEY: json.dumps(summary).encode()})
+        self.writer.close()
+
+
+class _VideoRun:
+    """The frame loop of one video: detect -> track -> (once settled) anonymise -> paste -> encode."""
+
+    def __init__(self, task: VideoTask, options: FootageOptions, model, detector, writer: VideoWriter, rows: _FaceRows):
+        self.task, self.options, self.model, self.detector = task, options, model, detector
+        self.writer, self.rows = writer, rows
+        self.tracker = IoUTracker(options.iou_threshold, options.max_gap)
+        self.pending: deque[_Pending] = deque()
+        self.by_index: dict[int, _Pending] = {}
+        self.frames = 0
+        self.tracks: set[int] = set()
+
+    def feed(self, frames: list[Frame]) -> None:
+        detections = self.detector.detect([f.image for f in frames], [f.index for f in frames])
+        for frame, dets in zip(frames, detections, strict=True):
+            faces, bridged = self.tracker.update(frame.index, dets)
+            item = _Pending(frame, faces)
+            self.pending.append(item)
+            self.by_index[frame.index] = item
+            for face in bridged:
+                self.by_index[face.frame_index].faces.append(face)
+        self._drain(final=False)
+
+    def finish(self) -> None:
+        self._drain(final=True)
+
+    def _drain(self, final: bool) -> None:
+        ready: list[_Pending] = []
+        while self.pending and (final or self.tracker.settled(self.pending[0].frame.index)):
+            item = self.pending.popleft()
+            del self.by_index[item.frame.index]
+            ready.append(item)
+        if ready:
+            self._anonymise(ready)
+            for item in ready:
+                self.writer.write(item.frame, item.frame.image)
+            self.frames += len(ready)
+
+    def _anonymise(self, ready: list[_Pending]) -> None:
+        """Every face of the ready frames in as few model calls as possible; crops are taken before any paste."""
+        items = [(item, face) for item in ready for face in item.faces]
+        if not items:
+            return
+        n = self.model.num_identities
+        regions = [crop_region(face.box, self.options.margin) for _, face in items]
+        crops = [extract(item.frame.image, region) for (item, _), region in zip(items, regions, strict=True)]
+        targets = [self.options.policy.target(self.task.rel, face.track_id, n) for _, face in items]
+        step = self.options.max_faces_per_batch
+        for start in range(0, len(items), step):
+            result = self.model.run(crops[start : start + step], np.asarray(targets[start : start + step], np.int64))
+            for j, k in enumerate(range(start, min(start + step, len(items)))):
+                paste(items[k][0].frame.image, regions[k], np.asarray(result.images[j]), self.options.feather)
+            self.rows.add(self._columns(items[start : start + step], result))
+        self.tracks.update(face.track_id for _, face in items)
+
+    def _columns(self, items: list[tuple[_Pending, Face]], result) -> dict[str, list]:
+        probs = np.asarray(result.expression_probs, np.float32)
+        return {
+            "video_uri": [self.task.input_uri] * len(items),
+            "frame_index": [item.frame.index for item, _ in items],
+            "timestamp": [item.frame.time for item, _ in items],
+            "track_id": [face.track_id for _, face in items],
+            "box": [face.box.astype(np.float32).tolist() for _, face in items],
+            "score": [face.score for _, face in items],
+            "bridged": [face.bridged for _, face in items],
+            "target_identity": [int(t) for t in np.asarray(result.targets)],
+            "expression": [EXPRESSIONS[int(i)] for i in probs.argmax(1)],
+            "expression_probs": probs.tolist(),
+            "latent": np.asarray(result.latents, np.float32).tolist(),
+            "model_version": [self.model.version] * len(items),
+            "error": [None] * len(items),
+        }
+
+    def log_progress(self, started: float) -> None:
+        rate = self.frames / max(time.time() - started, 1e-9)
+        log.info("%s: %d frames, %d faces, %.1f frames/s", self.task.rel, self.frames, self.rows.count, rate)
+
+
+def _staging(uri: str, tmp: str, name: str) -> str:
+    """Where an output is written before it is moved into place. Locally a hidden sibling (same filesystem, so the
+    move is an atomic rename; the extension is kept because it picks the container format); for S3 a local file."""
+    if storage.is_s3(uri):
+        return os.path.join(tmp, name)
+    path = storage.strip_scheme(uri)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    base = os.path.basename(path)
+    return os.path.join(os.path.dirname(os.path.abspath(path)), f".{base}.{storage.unique_suffix()}.part{os.path.splitext(base)[1]}")
+
+
+def _commit(staged: str, uri: str) -> None:
+    if storage.is_s3(uri):
+        fs, path = storage.filesystem(uri)
+        fs.put_file(staged, path)  # one PUT / multipart upload: the object appears whole or not at all
+        os.unlink(staged)
+    else:
+        os.replace(staged, storage.strip_scheme(uri))
+
+
+@contextlib.contextmanager
+def _local_input(uri: str, tmp: str) -> Iterator[str]:
+    """A local path to read: the file itself, or an S3 object downloaded (streamed to disk, not memory)."""
+    if not storage.is_s3(uri):
+        yield storage.strip_scheme(uri)
+        return
+    fs, path = storage.filesystem(uri)
+    local = os.path.join(tmp, "input" + os.path.splitext(path)[1])
+    fs.get_file(path, local)
+    yield local
+
+
+def process_video(task: VideoTask, options: FootageOptions) -> dict[str, Any]:
+    """Anonymise one video; returns its index row. Raises on any failure (see ``process_video_safe``)."""
+    started = time.time()
+    model = load_anonymizer(options.model, "cuda" if options.use_gpu else "cpu")
+    staged: list[str] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="pprl-footage-") as tmp, _local_input(task.input_uri, tmp) as src:
+            video_tmp = _staging(task.output_uri, tmp, "video" + os.path.splitext(task.rel)[1])
+            faces_tmp = _staging(task.faces_uri, tmp, "faces.parquet")
+            staged += [video_tmp, faces_tmp]
+            rows = _FaceRows(faces_tmp)
+            try:
+                with VideoReader(src) as reader, VideoWriter(video_tmp, reader, options.encode) as writer:
+                    detector = make_detector(options.detector, task.rel, options.use_gpu)
+                    run = _VideoRun(task, options, model, detector, writer, rows)
+                    _stream(reader, writer, run, options, started)
+            except BaseException:
+                rows.close(None)
+                raise
+            row = _row(task, "done", run.frames, rows.count, len(run.tracks), time.time() - started, None, model.version)
+            rows.close(row)
+            _commit(video_tmp, task.output_uri)
+            _commit(faces_tmp, task.faces_uri)  # last: its presence marks the video finished
+            return row
+    finally:
+        for path in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+def _stream(reader: VideoReader, writer: VideoWriter, run: _VideoRun, options: FootageOptions, started: float) -> None:
+    batch: list[Frame] = []
+    logged = 0
+    for frame in reader.frames(passthrough=writer.copy_packet):
+        batch.append(frame)
+        if len(batch) == options.batch_frames:
+            run.feed(batch)
+            batch = []
+            if run.frames - logged >= options.log_every:
+                run.log_progress(started)
+                logged = run.frames
+    if batch:
+        run.feed(batch)
+    run.finish()
+
+
+def _row(task: VideoTask, status: str, frames, faces, tracks, seconds, error, version) -> dict[str, Any]:
+    return {
+        "video_uri": task.input_uri, "output_uri": task.output_uri, "faces_uri": task.faces_uri, "status": status,
+        "frames": frames, "faces": faces, "tracks": tracks, "seconds": round(float(seconds), 3), "error": error,
+        "model_version": version, "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def process_video_safe(task: VideoTask, options: FootageOptions) -> dict[str, Any]:
+    """``process_video`` that turns any failure into an error row naming the video: one bad file never stops a run."""
+    _worker_logging()
+    started = time.time()
+    try:
+        return process_video(task, options)
+    except Exception as err:
+        log.warning("%s failed: %s", task.input_uri, err)
+        message = str(err) if task.input_uri in str(err) else f"{task.input_uri}: {err}"
+        return _row(task, "error", None, None, None, time.time() - started, f"{type(err).__name__}: {message}", None)
+
+
+def _worker_logging() -> None:
+    """Ray workers start with WARNING: make this package's progress lines reach the job log."""
+    logger = logging.getLogger("pprl")
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    if not logging.getLogger().handlers and not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+
+
+# --- many videos -----------------------------------------------------------------------------------------------
+
+
+def plan(input_uri: str, output_uri: str) -> list[VideoTask]:
+    """Every video under ``input_uri`` (recursive; a single file is fine), mirrored under ``output_uri``.
+    Anything already under the output prefix is left out, so the output may live inside the input folder."""
+    if not storage.exists(input_uri):
+        raise ValueError(f"--input {input_uri}: no such file or prefix")
+    fs, root = storage.filesystem(input_uri)
+    single = fs.isfile(root)
+    _, out_root = storage.filesystem(output_uri)
+    out_prefix = out_root.rstrip("/") + "/"
+    tasks = []
+    for uri in storage.list_files(input_uri, VIDEO_SUFFIXES):
+        path = storage.strip_scheme(uri) if storage.is_s3(uri) else uri
+        if path.startswith(out_prefix):
+            continue
+        rel = os.path.basename(path) if single else os.path.relpath(path, root).replace(os.sep, "/")
+        tasks.append(VideoTask(uri, rel, storage.join(output_uri, rel), storage.join(output_uri, rel + FACES_SUFFIX)))
+    return tasks
+
+
+def read_index(output_uri: str) -> dict[str, dict[str, Any]]:
+    uri = storage.join(output_uri, INDEX_NAME)
+    if not storage.exists(uri):
+        return {}
+    return {row["video_uri"]: row for row in storage.read_parquet(uri).to_pylist()}
+
+
+def write_index(output_uri: str, rows: dict[str, dict[str, Any]]) -> pa.Table:
+    ordered = [rows[k] for k in sorted(rows)]
+    table = pa.Table.from_pylist(ordered, schema=INDEX_SCHEMA)
+    storage.write_parquet(table, storage.join(output_uri, INDEX_NAME))
+    return table
+
+
+def finished_row(task: VideoTask) -> dict[str, Any] | None:
+    """The index row of a finished video, read back from its faces.parquet (None when not finished)."""
+    if not (storage.exists(task.faces_uri) and storage.exists(task.output_uri)):
+        return None
+    fs, path = storage.arrow_filesystem(task.faces_uri)
+    with fs.open_input_file(path) as f:
+        meta = pq.read_metadata(f).metadata or {}
+    return json.loads(meta[SUMMARY_KEY]) if SUMMARY_KEY in meta else None
+
+
+@dataclass
+class RunSummary:
+    index: pd.DataFrame
+    processed: int  # videos run by this call (done + error)
+    skipped: int  # finished (or failed, without retry_errors) in an earlier run
+    errors: int  # error rows written by this call
+
+
+def anonymize_footage(
+    input_uri: str,
+    output_uri: str,
+    options: FootageOptions,
+    num_workers: int = 2,
+    gpus_per_worker: float = 1.0,
+    retry_errors: bool = False,
+    progress: bool = True,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> RunSummary:
+    """Anonymise every video under ``input_uri`` into ``output_uri``; ``num_workers=0`` runs in this process.
+
+    ``on_row`` sees each video's index row as it finishes; once ``cancelled()`` is true no further video starts
+    (those running finish and are kept)."""
+    from pprl.serve.batch import bundle_info
+
+    info = bundle_info(options.model)
+    options.policy.check(int(info["num_identities"]))
+    options = dataclasses.replace(options, policy=options.policy.resolved())
+    tasks = plan(input_uri, output_uri)
+    rows = read_index(output_uri)
+    todo = []
+    for task in tasks:
+        done = finished_row(task)
+        if done is not None:
+            rows.setdefault(task.input_uri, done)  # a crash after the commit but before the index write is healed here
+        elif not (rows.get(task.input_uri, {}).get("status") == "error" and not retry_errors):
+            todo.append(task)
+    skipped = len(tasks) - len(todo)
+    log.info("%s -> %s: %d videos, %d to process, %d finished or failed before", input_uri, output_uri, len(tasks), len(todo), skipped)
+    storage.makedirs(output_uri)
+    if not todo:
+        table = write_index(output_uri, rows) if rows else pa.Table.from_pylist([], schema=INDEX_SCHEMA)
+        return RunSummary(table.to_pandas(), 0, skipped, 0)
+    if num_workers <= 0:
+        results = _run_local(todo, options, cancelled)
+    else:
+        results = _run_ray(todo, options, num_workers, gpus_per_worker, cancelled)
+    errors = 0
+    with _progress_bar(len(todo), progress) as bar:
+        frames, started = 0, time.time()
+        for row in results:
+            rows[row["video_uri"]] = row
+            write_index(output_uri, rows)
+            errors += row["status"] == "error"
+            frames += row["frames"] or 0
+            rate = frames / max(time.time() - started, 1e-9)
+            bar.update(1)
+            bar.set_postfix_str(f"{rate:.1f} frames/s, {errors} errors")
+            _log_row(row, bar.n, len(todo), rate)
+            if on_row:
+                on_row(row)
+    table = write_index(output_uri, rows)
+    return RunSummary(table.to_pandas(), len(todo), skipped, errors)
+
+
+def _log_row(row: dict[str, Any], done: int, total: int, rate: float) -> None:
+    if row["status"] == "done":
+        log.info("[%d/%d] done %s: %d frames, %d faces, %d tracks in %.1f s (run: %.1f frames/s)",
+                 done, total, row["video_uri"], row["frames"], row["faces"], row["tracks"], row["seconds"], rate)
+    else:
+        log.warning("[%d/%d] error %s: %s", done, total, row["video_uri"], row["error"])
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="video", desc="anonymise", disable=not enabled, dynamic_ncols=True)
+
+
+def _run_local(todo: list[VideoTask], options: FootageOptions, cancelled: Callable[[], bool]) -> Iterator[dict[str, Any]]:
+    for task in todo:
+        if cancelled():
+            return
+        yield process_video_safe(task, options)
+
+
+def _run_ray(
+    todo: list[VideoTask], options: FootageOptions, num_workers: int, gpus_per_worker: float, cancelled: Callable[[], bool]
+) -> Iterator[dict[str, Any]]:
+    """At most ``num_workers`` videos in flight as Ray tasks; results come back in completion order."""
+    import ray
+
+    started_here = _init_ray()
+    try:
+        task_options: dict[str, Any] = {"num_cpus": 1, "num_gpus": gpus_per_worker if options.use_gpu else 0, "max_retries": 2}
+        if storage.s3_env():
+            task_options["runtime_env"] = {"env_vars": storage.s3_env()}
+        remote = ray.remote(process_video_safe).options(**task_options)
+        options_ref = ray.put(options)
+        queue = iter(todo)
+        pending = {remote.remote(task, options_ref): task for task in islice(queue, num_workers)}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            task = pending.pop(ready[0])
+            try:
+                row = ray.get(ready[0])
+            except ray.exceptions.RayError as err:  # the worker died (OOM, crash in a codec): record it, go on
+                row = _row(task, "error", None, None, None, 0.0, f"{type(err).__name__}: {task.input_uri}: {err}", None)
+            yield row
+            for nxt in islice(queue, 0 if cancelled() else 1):
+                pending[remote.remote(nxt, options_ref)] = nxt
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _init_ray() -> bool:
+    """Join ``RAY_ADDRESS`` when set (a cluster, or ``ray job submit``), else start a local Ray; True if started here."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS") or None
+    ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False if address is None else None)
+    return True
+
+
+# --- the batch-endpoint job kind -------------------------------------------------------------------------------
+
+
+def run_footage_job(request, progress):
+    """``POST /v1/jobs`` with ``kind: footage`` (registered in ``pprl.serve.jobs.JOB_KINDS``).
+
+    ``request.identity`` maps onto the target policy: ``random`` -> random-per-track, ``N`` -> fixed N,
+    ``pseudonym:<key>`` -> pseudonym keyed by the server's secret and ``<key>``. ``request.options`` may set
+    ``detector``, ``num_workers`` (default ``request.actors``), ``batch_frames``, ``margin``, ``feather``, ``crf``,
+    ``retry_errors``. ``request.num_gpus`` > 0 runs each video task on that GPU share.
+    """
+    opts = dict(request.options or {})
+    identity = (request.identity or "random").strip()
+    if identity == "random":
+        policy = TargetPolicy("random-per-track")
+    elif identity.startswith("pseudonym:"):
+        policy = TargetPolicy("pseudonym", key=f"{request.pseudonym_secret.hex()}:{identity[len('pseudonym:'):]}")
+    else:
+        policy = TargetPolicy.parse(f"fixed {identity}")
+    options = FootageOptions(
+        model=request.model_uri,
+        detector=DetectorSpec.parse(str(opts.pop("detector", "centerface"))),
+        policy=policy,
+        batch_frames=int(opts.pop("batch_frames", 32)),
+        margin=float(opts.pop("margin", 0.14)),
+        feather=float(opts.pop("feather", 0.15)),
+        use_gpu=bool(request.num_gpus),
+        encode=EncodeOptions(crf=int(opts.pop("crf", 18))),
+    )
+    num_workers = int(opts.pop("num_workers", request.actors))
+    retry_errors = bool(opts.pop("retry_errors", False))
+    if opts:
+        raise ValueError(f"footage job: unknown option(s) {sorted(opts)}")
+
+    def on_row(row: dict[str, Any]) -> None:
+        if row["status"] == "done":
+            progress.done += 1
+            progress.parts.append(row["faces_uri"])
+        else:
+            progress.failed += 1
+        if progress.listener:
+            progress.listener(progress)
+
+    tasks = plan(request.input, request.output)
+    progress.total = len(tasks)
+    summary = anonymize_footage(request.input, request.output, options, num_workers=num_workers, gpus_per_worker=request.num_gpus or 1.0,
+                                retry_errors=retry_errors, progress=False, on_row=on_row, cancelled=progress.cancel.is_set)
+    progress.skipped = summary.skipped
+    return progress

@@ -1,0 +1,268 @@
+"""Batch anonymisation with Ray Data, shared by ``POST /v1/jobs`` and ``pprl anonymize-images``.
+
+    sources (prefix listing or dataset manifest) minus sources already in the output
+      -> fetch + header check + decode      (Ray Data tasks, CPU)
+      -> Anonymizer.run                     (Ray Data actor pool, one model per actor, explicit integer batch size)
+      -> one Parquet part file per block    (tasks; each part written whole by pprl.storage.write_parquet)
+
+Every source ends up in exactly one row (or one row per face, for kinds that detect several): a file that cannot
+be read or decoded becomes a row with ``error`` set, never a failed job. A rerun with the same output prefix skips
+every source already present in a part file there, so an interrupted or cancelled job resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pprl import storage
+from pprl.config import EXPRESSIONS
+from pprl.data.dataset import MANIFEST, encode_png, load_dataset
+from pprl.serve import schema
+from pprl.serve.security import IMAGE_SUFFIXES, Limits, Rejected, decode_checked, parse_target
+
+log = logging.getLogger(__name__)
+FETCH_THREADS = 8  # concurrent reads per fetch task: object-store latency, not CPU, bounds this stage
+# Fetch tasks reserve less than the model actors, which also keeps Ray Data from fusing them into the (GPU) actors.
+FETCH_CPUS = 0.5
+
+
+@dataclass
+class JobRequest:
+    """Everything one batch run needs. ``options`` carries settings of other job kinds (e.g. footage)."""
+
+    input: str  # prefix of images (s3:// or local), a dataset folder, or its manifest.parquet
+    output: str  # prefix that receives part-*.parquet files
+    model_uri: str  # model bundle folder
+    identity: str = "random"  # index | random (stable per source) | pseudonym:<key>
+    store_inputs: bool = False  # also keep the original bytes in the input_image column
+    batch_size: int = 32  # images per forward pass (explicit: required for GPU actors)
+    actors: int = 1  # model actors in the pool
+    num_gpus: float = 0.0  # per model actor
+    device: str | None = None  # torch device for the model; None = cuda if the actor has a GPU, else cpu
+    max_pixels: int = Limits.max_pixels  # header-checked limit per input image
+    pseudonym_secret: bytes = b""  # HMAC key for pseudonym:<key> targets
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if int(self.batch_size) < 1 or int(self.actors) < 1:
+            raise ValueError(f"batch_size ({self.batch_size}) and actors ({self.actors}) must be >= 1")
+        self.batch_size, self.actors = int(self.batch_size), int(self.actors)
+
+
+@dataclass
+class Progress:
+    """Counts a running job reports; ``cancel`` is set by whoever wants it to stop (checked between blocks)."""
+
+    total: int = 0  # sources found at the input
+    skipped: int = 0  # already present in the output before this run
+    done: int = 0  # rows written successfully by this run
+    failed: int = 0  # error rows written by this run
+    parts: list[str] = field(default_factory=list)  # part files written by this run
+    cancel: threading.Event = field(default_factory=threading.Event)
+    listener: Callable[[Progress], None] | None = None
+
+    def add(self, part: str, rows: int, errors: int) -> None:
+        self.parts.append(part)
+        self.done += rows - errors
+        self.failed += errors
+        if self.listener:
+            self.listener(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "skipped": self.skipped, "done": self.done, "failed": self.failed, "parts": len(self.parts)}
+
+
+def bundle_info(model_uri: str) -> dict[str, Any]:
+    """``bundle.json`` of a model bundle (version, image_size, num_identities, ...), read without loading weights."""
+    uri = storage.join(model_uri, "bundle.json")
+    try:
+        info = json.loads(storage.read_text(uri))
+    except storage.StorageError:
+        raise ValueError(f"{model_uri}: not a model bundle (no bundle.json); export one with the training command") from None
+    for key in ("image_size", "num_identities"):
+        if key not in info:
+            raise ValueError(f"{uri}: missing {key!r}")
+    return info
+
+
+# --- sources ---------------------------------------------------------------------------------------------------
+
+
+def list_sources(input_uri: str) -> list[str]:
+    """Image URIs of a prefix, or of a dataset (folder with manifest.parquet, or the manifest itself)."""
+    root = input_uri[: -len(MANIFEST)].rstrip("/") if input_uri.endswith(MANIFEST) else input_uri
+    if storage.exists(storage.join(root, MANIFEST)):
+        dataset = load_dataset(root)
+        return [dataset.uri(path) for path in dataset.manifest["path"]]
+    if not storage.exists(input_uri):
+        raise ValueError(f"input {input_uri} does not exist")
+    sources = storage.list_files(input_uri, IMAGE_SUFFIXES)
+    if not sources:
+        raise ValueError(f"input {input_uri} holds no {'/'.join(IMAGE_SUFFIXES)} files")
+    return sources
+
+
+def done_sources(output_uri: str) -> set[str]:
+    """Sources already accounted for (success or error rows) in the part files under ``output_uri``."""
+    if not storage.exists(output_uri):
+        return set()
+    done: set[str] = set()
+    for part in storage.list_files(output_uri, (".parquet",)):
+        table = storage.read_parquet(part, columns=["source_uri"])
+        done.update(table.column("source_uri").to_pylist())
+    return done
+
+
+# --- pipeline stages -------------------------------------------------------------------------------------------
+
+
+def fetch_and_decode(batch: pa.Table, image_size: int, max_pixels: int, store_inputs: bool) -> pa.Table:
+    """source_uri -> raw RGB pixels at the model's size, or the reason the file is unusable."""
+    sources = batch.column("source_uri").to_pylist()
+    with ThreadPoolExecutor(min(FETCH_THREADS, max(1, len(sources)))) as pool:
+        fetched = list(pool.map(lambda s: _fetch_one(s, image_size, max_pixels), sources))
+    return pa.table(
+        {
+            "source_uri": sources,
+            "target_identity": batch.column("target_identity"),
+            "pixels": pa.array([pixels for pixels, _, _ in fetched], pa.binary()),
+            "error": pa.array([error for _, error, _ in fetched], pa.string()),
+            "input_image": pa.array([raw if store_inputs else None for _, _, raw in fetched], pa.binary()),
+        }
+    )
+
+
+def _fetch_one(source: str, image_size: int, max_pixels: int) -> tuple[bytes | None, str | None, bytes | None]:
+    try:
+        raw = storage.read_bytes(source)
+        return decode_checked(raw, image_size, max_pixels, source=source).tobytes(), None, raw
+    except Rejected as err:
+        return None, err.message, None
+    except Exception as err:  # unreadable object: record it, keep going
+        return None, f"{source}: cannot read ({type(err).__name__}: {err})", None
+
+
+class AnonymizeActor:
+    """Ray Data actor: loads the model once, then one batched forward pass per call."""
+
+    def __init__(self, model_uri: str, device: str | None = None):
+        from pprl.anonymizer import Anonymizer
+
+        self.model = Anonymizer.load(model_uri, device=device)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        size = self.model.image_size
+        version = self.model.version
+        out = [schema.error_row(r["source_uri"], r["error"], model_version=version) for r in rows]
+        ok = [i for i, r in enumerate(rows) if r["error"] is None]
+        if ok:
+            images = np.stack([np.frombuffer(rows[i]["pixels"], np.uint8).reshape(size, size, 3) for i in ok])
+            targets = np.asarray([rows[i]["target_identity"] for i in ok], np.int64)
+            result = self.model.run(images, targets)
+            for j, i in enumerate(ok):
+                out[i] = face_row(rows[i]["source_uri"], 0, result, j, version)
+        for i, row in enumerate(rows):
+            out[i]["input_image"] = row["input_image"]
+        return schema.to_table(out)
+
+
+def face_row(source_uri: str, face_index: int, result: Any, j: int, version: str) -> dict[str, Any]:
+    """Row ``j`` of an ``AnonymizeResult`` in the face schema (footage builds its rows with this too)."""
+    probs = np.asarray(result.expression_probs[j], np.float32)
+    return {
+        "source_uri": source_uri,
+        "face_index": face_index,
+        "image": encode_png(np.asarray(result.images[j], np.uint8)),
+        "target_identity": int(result.targets[j]),
+        "expression": EXPRESSIONS[int(probs.argmax())],
+        "expression_probs": probs.tolist(),
+        "latent": np.asarray(result.latents[j], np.float32).tolist(),
+        "model_version": version,
+        "error": None,
+    }
+
+
+def write_part(batch: pa.Table, output: str, run_id: str) -> pa.Table:
+    """Write one block as a whole part file (atomic); return what was written for the driver's counts."""
+    table = batch.cast(schema.RESULT_SCHEMA)
+    uri = storage.join(output, f"part-{run_id}-{storage.unique_suffix()}.parquet")
+    storage.write_parquet(table, uri)
+    errors = table.num_rows - table.column("error").null_count
+    return pa.table({"part": [uri], "rows": [table.num_rows], "errors": [errors]})
+
+
+# --- driver ----------------------------------------------------------------------------------------------------
+
+
+def run_images_job(request: JobRequest, progress: Progress | None = None) -> Progress:
+    """Anonymise every not-yet-done image of ``request.input`` into Parquet parts under ``request.output``."""
+    import ray
+
+    progress = progress or Progress()
+    info = bundle_info(request.model_uri)
+    sources = list_sources(request.input)
+    already = done_sources(request.output)
+    todo = [s for s in sources if s not in already]
+    progress.total, progress.skipped = len(sources), len(sources) - len(todo)
+    log.info("job %s -> %s: %d sources, %d already done", request.input, request.output, len(sources), progress.skipped)
+    if not todo or progress.cancel.is_set():
+        return progress
+    storage.makedirs(request.output)
+    num_ids = int(info["num_identities"])
+    items = [{"source_uri": s, "target_identity": parse_target(request.identity, num_ids, request.pseudonym_secret, random_key=s)} for s in todo]
+    _quiet_data_context()
+    env = {"env_vars": storage.s3_env()} if storage.s3_env() else None
+    blocks = max(1, min(len(items), math.ceil(len(items) / request.batch_size)))
+    ds = (
+        ray.data.from_items(items, override_num_blocks=blocks)
+        .map_batches(
+            fetch_and_decode,
+            batch_format="pyarrow",
+            batch_size=request.batch_size,
+            fn_kwargs={"image_size": int(info["image_size"]), "max_pixels": request.max_pixels, "store_inputs": request.store_inputs},
+            num_cpus=FETCH_CPUS,
+            runtime_env=env,
+        )
+        .map_batches(
+            AnonymizeActor,
+            batch_format="pyarrow",
+            batch_size=request.batch_size,
+            fn_constructor_kwargs={"model_uri": request.model_uri, "device": request.device},
+            compute=ray.data.ActorPoolStrategy(size=request.actors),
+            num_gpus=request.num_gpus or None,
+            runtime_env=env,
+        )
+        .map_batches(write_part, batch_format="pyarrow", batch_size=None, fn_kwargs={"output": request.output, "run_id": run_id()}, runtime_env=env)
+    )
+    for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for part, rows, errors in zip(*(summary.column(c).to_pylist() for c in ("part", "rows", "errors")), strict=True):
+            progress.add(part, rows, errors)
+        if progress.cancel.is_set():
+            log.info("job writing to %s cancelled after %d parts", request.output, len(progress.parts))
+            break
+    return progress
+
+
+def run_id() -> str:
+    """Sortable and unique: part files of one run share it."""
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{storage.unique_suffix()[:6]}"
+
+
+def _quiet_data_context() -> None:
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False

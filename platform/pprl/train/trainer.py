@@ -1,0 +1,405 @@
+"""The PPRL-VGAN training loop: one process, CPU or one GPU, runnable inside Ray Train unchanged.
+
+Per iteration (the authors' schedule, train.py@3b51888):
+  1. draw a batch and target codes c; make fakes with the generator in inference mode, without gradients;
+  2. one discriminator step on the real batch, then a separate one on the fakes;
+  3. (deviation ``loss.g_latent``) one step of the latent identity classifier on the same latents;
+  4. ``train.g_steps_per_d`` generator steps, each on a fresh batch with fresh target codes.
+
+Distribution is injected, never imported: ``device``, ``rank``/``world_size`` and a ``wrap_model`` hook
+(``ray.train.torch.prepare_model`` under Ray). The frozen discriminator of the generator step is the unwrapped
+module, so DDP never sees a forward whose parameters get no gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pprl import storage
+from pprl.config import Config
+from pprl.models.networks import LatentClassifier, build_networks, reparameterize
+from pprl.train import loss as L
+from pprl.train.batches import Batch
+from pprl.train.collapse import CollapseDetector
+from pprl.train.samples import render_grid, save_grid
+
+log = logging.getLogger(__name__)
+
+WrapFn = Callable[[nn.Module], nn.Module]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain module under DDP (``.module``) and/or torch.compile (``._orig_mod``)."""
+    while True:
+        inner = getattr(module, "_orig_mod", None) or getattr(module, "module", None)
+        if not isinstance(inner, nn.Module):
+            return module
+        module = inner
+
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module):
+    """Parameters of ``modules`` need no gradient inside the block (inputs still get theirs)."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def inverse_time_decay(decay: float) -> Callable[[int], float]:
+    """Keras' per-iteration ``decay``: lr_t = lr / (1 + decay * t)."""
+    return lambda t: 1.0 / (1.0 + decay * t)
+
+
+class Trainer:
+    """Owns the networks, optimisers and schedule; ``train_epoch()`` runs one epoch and returns its metrics."""
+
+    def __init__(
+        self,
+        config: Config,
+        batches: Iterable[Batch],
+        *,
+        device: str | torch.device | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        wrap_model: WrapFn | None = None,
+        run_dir: str | None = None,
+        sample_images: torch.Tensor | None = None,
+        steps_per_epoch: int | None = None,
+        metrics_hook: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.config = config
+        # called on every rank with each epoch's metrics before they are recorded, checked and published;
+        # the distributed runner averages them across ranks there (a collective), so all ranks decide alike
+        self.metrics_hook = metrics_hook
+        self.device = torch.device(device) if device is not None else default_device()
+        self.rank, self.world_size = rank, world_size
+        self.run_dir = run_dir
+        self.batches: Iterator[Batch] = iter(batches)
+        self._source = batches
+        self.steps_per_epoch = self._resolve_steps(steps_per_epoch)
+        self.sample_images = sample_images.to(self.device) if sample_images is not None else None
+        self.step = 0
+        self.epoch = 0
+        self.history: list[dict[str, Any]] = []
+        self.collapse = CollapseDetector(config.train.collapse_patience, config.model.num_identities)
+        self._build(wrap_model or (lambda m: m))
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
+        self._tb = None
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def _resolve_steps(self, explicit: int | None) -> int:
+        tc = self.config.train
+        steps = explicit or tc.steps_per_epoch
+        if not steps:
+            n = getattr(self._source, "num_examples", None)
+            if n is None:
+                raise ValueError("steps per epoch unknown: set train.steps_per_epoch or pass a source with num_examples")
+            steps = n // (tc.batch_size * self.world_size)
+        if steps < 1:
+            raise ValueError(f"steps per epoch is {steps}: the training set is smaller than train.batch_size={tc.batch_size}")
+        return int(steps)
+
+    def _build(self, wrap: WrapFn) -> None:
+        cfg, dev = self.config, self.device
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.encoder, self.decoder, self.disc = (m.to(dev) for m in build_networks(cfg.model))
+        self.latent_adv = LatentClassifier(cfg.model).to(dev) if cfg.loss.g_latent > 0 else None
+        self.gpu = dev.type == "cuda"
+        if self.gpu and cfg.train.channels_last:
+            for m in (self.encoder, self.decoder, self.disc):
+                m.to(memory_format=torch.channels_last)
+        compile_ = torch.compile if cfg.train.compile else (lambda m: m)
+        self.enc_fwd = compile_(wrap(self.encoder))
+        self.dec_fwd = compile_(wrap(self.decoder))
+        self.disc_fwd = compile_(wrap(self.disc))
+        self.disc_frozen = compile_(self.disc) if cfg.train.compile else self.disc
+        self.adv_fwd = wrap(self.latent_adv) if self.latent_adv is not None else None
+        oc = cfg.optim
+
+        def rmsprop(*modules: nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+            params = [p for m in modules for p in m.parameters()]
+            opt = torch.optim.RMSprop(params, lr=oc.lr, alpha=oc.alpha, eps=oc.eps)
+            return opt, torch.optim.lr_scheduler.LambdaLR(opt, inverse_time_decay(oc.decay))
+
+        self.g_opt, self.g_sched = rmsprop(self.encoder, self.decoder)
+        self.d_opt, self.d_sched = rmsprop(self.disc)
+        self.adv_opt = torch.optim.Adam(self.latent_adv.parameters(), lr=oc.latent_lr) if self.latent_adv is not None else None
+        torch.manual_seed(cfg.train.seed + 1009 * self.rank)  # dropout and sampling noise differ per rank
+        self.generator = torch.Generator().manual_seed(cfg.train.seed * 7919 + self.rank)
+
+    def _autocast(self):
+        if self.gpu and self.config.train.bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _next(self) -> Batch:
+        x, y_id, y_exp = next(self.batches)
+        fmt = torch.channels_last if self.gpu and self.config.train.channels_last else torch.contiguous_format
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
+        return x, y_id.to(self.device, non_blocking=True), y_exp.to(self.device, non_blocking=True)
+
+    def _targets(self, n: int) -> torch.Tensor:
+        """Target codes c ~ U{0..N_id-1}, independent per sample; the source's own identity is not excluded."""
+        return torch.randint(self.config.model.num_identities, (n,), generator=self.generator).to(self.device)
+
+    # ----------------------------------------------------------------------------------------------- steps
+    def train_step(self) -> None:
+        """One discriminator iteration (real step, fake step, latent adversary) and its generator steps."""
+        self.d_step(self._next())
+        for _ in range(self.config.train.g_steps_per_d):
+            self.g_step(self._next())
+        self.step += 1
+
+    @torch.no_grad()
+    def make_fakes(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fakes as Keras ``predict`` made them: inference mode (BN running stats, no dropout), sampled z, no gradient."""
+        self.enc_fwd.eval()
+        self.dec_fwd.eval()
+        with self._autocast():
+            mean, logvar = self.enc_fwd(x)
+            fake = self.dec_fwd(reparameterize(mean, logvar), c)
+        self.enc_fwd.train()
+        self.dec_fwd.train()
+        return fake, mean.float()
+
+    def d_step(self, batch: Batch) -> None:
+        x, y_id, y_exp = batch
+        lc = self.config.loss
+        c = self._targets(len(x))
+        fake, mean = self.make_fakes(x, c)
+        self.disc_fwd.train()
+        real_t = L.noisy_labels(len(x), lc.real_label, self.generator, self.device)
+        fake_t = L.noisy_labels(len(x), lc.fake_label, self.generator, self.device)
+        with self._autocast():
+            real_heads = self.disc_fwd(x)
+            real = L.discriminator_loss(real_heads, real_t, y_id, y_exp, lc.d_real, "d_real")
+        self._update(self.d_opt, self.d_sched, real.total)
+        with self._autocast():
+            fake_heads = self.disc_fwd(fake)
+            fake_loss = L.discriminator_loss(fake_heads, fake_t, c, y_exp, lc.d_fake, "d_fake")
+        self._update(self.d_opt, self.d_sched, fake_loss.total)
+        self._record(real.parts, fake_loss.parts)
+        self._record({
+            "d_real_acc": (real_heads[0].detach() > 0).float().mean(),
+            "d_fake_acc": (fake_heads[0].detach() < 0).float().mean(),
+            "d_id_acc": L.accuracy(real_heads[1].detach(), y_id),
+            "d_exp_acc": L.accuracy(real_heads[2].detach(), y_exp),
+        })
+        if self.adv_fwd is not None:
+            self.latent_step(mean, y_id)
+
+    def latent_step(self, mean: torch.Tensor, y_id: torch.Tensor) -> None:
+        """Train the latent identity classifier on inference-mode latent means (what an attacker would see)."""
+        logits = self.adv_fwd(mean)
+        loss = torch.nn.functional.cross_entropy(logits.float(), y_id)
+        self._update(self.adv_opt, None, loss)
+        self._record({"latent_id_ce": loss.detach(), "latent_id_acc": L.accuracy(logits.detach(), y_id)})
+
+    def g_step(self, batch: Batch) -> None:
+        x, y_id, y_exp = batch
+        lc = self.config.loss
+        c = self._targets(len(x))
+        with self._autocast():
+            mean, logvar = self.enc_fwd(x)
+            z = reparameterize(mean, logvar)
+            recon = None
+            if lc.g_recon > 0:  # one decoder pass for both codes: DDP allows one forward per backward
+                out = self.dec_fwd(torch.cat([z, z]), torch.cat([c, y_id]))
+                fake, rec = out.split(len(x))
+                recon = (rec, x)
+            else:
+                fake = self.dec_fwd(z, c)
+            frozen_nets = [self.disc] + ([self.latent_adv] if self.latent_adv is not None else [])
+            with frozen(*frozen_nets):
+                heads = self.disc_frozen(fake)
+                latent_logits = self.latent_adv(mean) if self.latent_adv is not None else None
+            weights = {"g_kl": lc.g_kl, "g_adv": lc.g_adv, "g_id": lc.g_id, "g_exp": lc.g_exp, "g_recon": lc.g_recon, "g_latent": lc.g_latent}
+            g = L.generator_loss(heads, c, y_exp, mean, logvar, weights, recon, latent_logits)
+        self._update(self.g_opt, self.g_sched, g.total)
+        self._record(g.parts, {"g_id_acc": L.accuracy(heads[1].detach(), c), "g_exp_acc": L.accuracy(heads[2].detach(), y_exp)})
+
+    @staticmethod
+    def _update(opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler | None, loss: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+
+    def _record(self, *parts: dict[str, torch.Tensor]) -> None:
+        for d in parts:
+            for name, value in d.items():
+                value = value.detach().float()
+                self._sums[name] = self._sums[name] + value if name in self._sums else value
+                self._counts[name] = self._counts.get(name, 0) + 1
+
+    def _drain(self) -> dict[str, float]:
+        means = {k: float(v) / self._counts[k] for k, v in self._sums.items()}
+        self._sums, self._counts = {}, {}
+        return means
+
+    # ----------------------------------------------------------------------------------------------- epochs
+    def train_epoch(self) -> dict[str, Any]:
+        """Run ``steps_per_epoch`` iterations; returns (and on rank 0 records) the epoch's mean metrics."""
+        tc = self.config.train
+        start = time.perf_counter()
+        for i in range(self.steps_per_epoch):
+            self.train_step()
+            if tc.log_every and (i + 1) % tc.log_every == 0 and self.rank == 0:
+                snap = {k: float(v) / self._counts[k] for k, v in self._sums.items() if k in ("d_real_bce", "g_id", "g_exp", "g_recon")}
+                log.info("epoch %d step %d/%d %s", self.epoch + 1, i + 1, self.steps_per_epoch, " ".join(f"{k}={v:.3f}" for k, v in snap.items()))
+        if self.gpu:
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - start
+        self.epoch += 1
+        images = self.steps_per_epoch * (1 + tc.g_steps_per_d) * tc.batch_size
+        metrics: dict[str, Any] = {
+            "epoch": self.epoch,
+            "step": self.step,
+            **self._drain(),
+            "lr": self.g_sched.get_last_lr()[0],
+            "images_per_s": images / elapsed,
+            "epoch_time_s": elapsed,
+        }
+        if self.metrics_hook:
+            self.metrics_hook(metrics)
+        self.history.append(metrics)
+        reason = self.collapse.check(self.history)
+        metrics["collapsed"] = bool(reason)
+        metrics["collapse_reason"] = reason
+        if reason:
+            log.warning("possible collapse at epoch %d: %s", self.epoch, reason)
+        if self.rank == 0:
+            self._publish(metrics)
+        return metrics
+
+    def fit(self, epochs: int | None = None, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+        """Train until ``epochs`` (default ``train.epochs``) have run in total; ``on_epoch`` sees each epoch's metrics."""
+        target = epochs if epochs is not None else self.config.train.epochs
+        out = []
+        while self.epoch < target:
+            metrics = self.train_epoch()
+            out.append(metrics)
+            if on_epoch:
+                on_epoch(metrics)
+        return out
+
+    # ----------------------------------------------------------------------------------------------- outputs
+    def _publish(self, metrics: dict[str, Any]) -> None:
+        log.info(
+            "epoch %d: %s",
+            self.epoch,
+            " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)),
+        )
+        if not self.run_dir:
+            return
+        self._write_metrics_csv()
+        self._write_tensorboard(metrics)
+        if self.sample_images is not None:
+            grid = self.sample_grid()
+            scale = max(1, 64 // self.config.model.image_size)  # small models are upscaled so the grid is viewable
+            save_grid(grid, storage.join(self.run_dir, "samples", f"epoch_{self.epoch:04d}.png"), scale=scale)
+
+    def sample_grid(self) -> np.ndarray:
+        """The grid for the fixed sample inputs (rows) rendered as every identity (columns)."""
+        return render_grid(self.encoder, self.decoder, self.sample_images, self.config.model.num_identities)
+
+    def _write_metrics_csv(self) -> None:
+        keys: list[str] = []
+        for row in self.history:
+            keys += [k for k in row if k not in keys]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(self.history)
+        storage.write_text(storage.join(self.run_dir, "metrics.csv"), buf.getvalue())
+
+    def _write_tensorboard(self, metrics: dict[str, Any]) -> None:
+        if storage.is_s3(self.run_dir):
+            return  # TensorBoard's writer needs a local folder; metrics.csv still lands on S3
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=storage.join(self.run_dir, "tensorboard"))
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self._tb.add_scalar(f"train/{name}", value, self.epoch)
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    # ----------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a restart needs: networks, optimisers, schedulers, counters, RNG streams, data position, config."""
+        state: dict[str, Any] = {
+            "config": self.config.to_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "history": self.history,
+            "encoder": self.encoder.state_dict(),
+            "decoder": self.decoder.state_dict(),
+            "discriminator": self.disc.state_dict(),
+            "g_opt": self.g_opt.state_dict(),
+            "d_opt": self.d_opt.state_dict(),
+            "g_sched": self.g_sched.state_dict(),
+            "d_sched": self.d_sched.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state()},
+        }
+        if self.gpu:
+            state["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.latent_adv is not None:
+            state |= {"latent_adv": self.latent_adv.state_dict(), "adv_opt": self.adv_opt.state_dict()}
+        if hasattr(self._source, "state_dict"):
+            state["data"] = self._source.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = Config.from_dict(state["config"])
+        if saved.model != self.config.model:
+            raise ValueError("checkpoint was trained with a different model config; load it with the config saved in it")
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.history = list(state["history"])
+        self.encoder.load_state_dict(state["encoder"])
+        self.decoder.load_state_dict(state["decoder"])
+        self.disc.load_state_dict(state["discriminator"])
+        for name in ("g_opt", "d_opt", "g_sched", "d_sched"):
+            getattr(self, name).load_state_dict(state[name])
+        if self.latent_adv is not None:
+            if "latent_adv" not in state:
+                raise ValueError("checkpoint has no latent adversary but loss.g_latent > 0")
+            self.latent_adv.load_state_dict(state["latent_adv"])
+            self.adv_opt.load_state_dict(state["adv_opt"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.generator.set_state(state["rng"]["generator"])
+        if self.gpu and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        if "data" in state and hasattr(self._source, "load_state_dict"):
+            self._source.load_state_dict(state["data"])
+
+    def networks(self) -> dict[str, nn.Module]:
+        """The plain (unwrapped) networks that make a bundle."""
+        return {"encoder": self.encoder, "decoder": self.decoder, "discriminator": self.disc}

@@ -1,0 +1,292 @@
+"""Results of a search under ``{storage}/{name}/``: trials.parquet, pareto.png, best.yaml, tune_report.md.
+
+* ``trials.parquet``: one row per trial per reported epoch: the trial's parameters, both raw proxies, the score,
+  its status and whether ASHA stopped it early.
+* ``pareto.png``: each trial's last report as a point (identity accuracy on the x axis, lower = more private;
+  expression accuracy on the y axis, higher = more useful), the Pareto front, the base config's weights (the
+  paper's for the paper presets), chance levels and the judges' accuracy on the original images.
+* ``best.yaml``: the full config of the best trial by the score; ``jobs/train.py --config best.yaml`` takes it as is.
+* ``tune_report.md``: the best trial and the whole Pareto front, with how they were measured.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from pprl import storage
+from pprl.tune.objective import SCORE
+from pprl.tune.space import apply_params
+
+log = logging.getLogger(__name__)
+
+METRICS = ("training_iteration", "epoch", "step", "identity_acc", "expression_acc", "target_acc", "privacy_leak", SCORE, "collapsed", "judges_token", "time_total_s")
+FILES = ("trials.parquet", "pareto.png", "best.yaml", "tune_report.md")
+
+
+@dataclass
+class SearchSummary:
+    """What the driver needs to know to write the results (from ``search.json``)."""
+
+    run_uri: str
+    base: dict[str, Any]  # base Config.to_dict()
+    params: list[str]  # searched fields
+    base_point: dict[str, Any] | None  # the base config's values of the searched fields, if it ran as a trial
+    max_epochs: int
+    num_identities: int
+    num_expressions: int
+    privacy_weight: float
+    reference: dict[str, float]  # judges on original validation images
+    settings: dict[str, Any] = field(default_factory=dict)  # shown in the report
+
+
+@dataclass
+class Outcome:
+    trials: int
+    finished: bool  # every trial TERMINATED or ERROR
+    stopped_early: int
+    errors: int
+    best_trial: str | None
+    best_score: float | None
+    front: list[str]
+    files: dict[str, str]
+
+
+# --------------------------------------------------------------------------------------------------------- tables
+def collect(analysis, summary: SearchSummary) -> pd.DataFrame:
+    """One row per trial per report (an errored trial without reports keeps one row of empty metrics)."""
+    rows = []
+    for trial in analysis.trials:
+        info = {"trial_id": trial.trial_id, "status": trial.status, **{p: trial.config.get(p) for p in summary.params}}
+        info["is_base"] = summary.base_point is not None and all(_same(trial.config.get(p), v) for p, v in summary.base_point.items())
+        frame = analysis.trial_dataframes.get(trial.trial_id)
+        if frame is None or frame.empty:
+            rows.append(info)
+            continue
+        keep = [c for c in frame.columns if c in METRICS or c.startswith("train_")]
+        rows.extend({**info, **record} for record in frame[keep].to_dict("records"))
+    table = pd.DataFrame(rows)
+    for column in METRICS:
+        if column not in table:
+            table[column] = np.nan
+    last = table.groupby("trial_id")["training_iteration"].transform("max")
+    table["stopped_early"] = (table["status"] == "TERMINATED") & (last < summary.max_epochs)
+    return table.sort_values(["trial_id", "training_iteration"], kind="stable").reset_index(drop=True)
+
+
+def final_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """Each trial's last report (trials with no report are left out)."""
+    done = table.dropna(subset=[SCORE])
+    return done.loc[done.groupby("trial_id")["training_iteration"].idxmax()].reset_index(drop=True)
+
+
+def pareto_mask(identity_acc: np.ndarray, expression_acc: np.ndarray) -> np.ndarray:
+    """True where no other point is at least as private and as useful, and strictly better in one of them."""
+    x, y = np.asarray(identity_acc, float), np.asarray(expression_acc, float)
+    mask = np.ones(len(x), bool)
+    for i in range(len(x)):
+        dominated = (x <= x[i]) & (y >= y[i]) & ((x < x[i]) | (y > y[i]))
+        mask[i] = not dominated.any()
+    return mask
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(float(a), float(b), rel_tol=1e-9)
+    return a == b
+
+
+# --------------------------------------------------------------------------------------------------------- writing
+def write_results(analysis, summary: SearchSummary) -> Outcome:
+    table = collect(analysis, summary)
+    final = final_rows(table)
+    final["pareto"] = pareto_mask(final["identity_acc"], final["expression_acc"]) if len(final) else []
+    files = {name: storage.join(summary.run_uri, name) for name in FILES}
+    storage.write_parquet(pa.Table.from_pandas(table, preserve_index=False), files["trials.parquet"])
+    best = final.loc[final[SCORE].idxmax()] if len(final) else None
+    if best is not None:
+        config = apply_params(summary.base, {p: _plain(best[p]) for p in summary.params})
+        storage.write_text(files["best.yaml"], config.to_yaml())
+        samples = copy_samples(analysis, best["trial_id"], storage.join(summary.run_uri, "best_samples.png"))
+        if samples:
+            files["best_samples.png"] = samples
+    else:
+        files.pop("best.yaml")
+    storage.write_bytes(files["pareto.png"], plot_pareto(final, summary))
+    statuses = table.drop_duplicates("trial_id")["status"]
+    outcome = Outcome(
+        trials=int(table["trial_id"].nunique()),
+        finished=bool(statuses.isin(["TERMINATED", "ERROR"]).all()),
+        stopped_early=int(table.drop_duplicates("trial_id")["stopped_early"].sum()),
+        errors=int((statuses == "ERROR").sum()),
+        best_trial=None if best is None else str(best["trial_id"]),
+        best_score=None if best is None else float(best[SCORE]),
+        front=final.loc[final["pareto"], "trial_id"].tolist() if len(final) else [],
+        files=files,
+    )
+    storage.write_text(files["tune_report.md"], render_report(table, final, best, summary, outcome, analysis))
+    return outcome
+
+
+def copy_samples(analysis, trial_id: str, uri: str) -> str | None:
+    """The best trial's last sample grid (validation faces as every identity), next to the report."""
+    trial = next(t for t in analysis.trials if t.trial_id == trial_id)
+    checkpoint = trial.checkpoint
+    if checkpoint is None:
+        return None
+    from pprl.tune.trial import SAMPLES_FILE
+
+    try:
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{SAMPLES_FILE}") as f:
+            storage.write_bytes(uri, f.readall())
+    except (FileNotFoundError, OSError) as err:
+        log.warning("no sample grid for trial %s: %s", trial_id, err)
+        return None
+    return uri
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+# --------------------------------------------------------------------------------------------------------- plot
+def plot_pareto(final: pd.DataFrame, summary: SearchSummary) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5.5), dpi=120)
+    chance_id, chance_exp = 1 / summary.num_identities, 1 / summary.num_expressions
+    ax.axvline(chance_id, color="0.6", ls="--", lw=1, label=f"identity chance 1/{summary.num_identities}")
+    ax.axhline(chance_exp, color="0.6", ls=":", lw=1, label=f"expression chance 1/{summary.num_expressions}")
+    if summary.reference:
+        ax.scatter([summary.reference["identity_acc"]], [summary.reference["expression_acc"]], marker="s", s=70, color="k",
+                   label="original images (no anonymisation)")
+    if len(final):
+        _plot_trials(ax, final)
+    ax.set_xlabel("identity accuracy of the judge on anonymised images (privacy leak, lower is better)")
+    ax.set_ylabel("expression accuracy (utility, higher is better)")
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_ylim(-0.03, 1.03)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"privacy vs utility: {len(final)} trials, score = expression - {summary.privacy_weight:g} x leak above chance", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _plot_trials(ax, final: pd.DataFrame) -> None:
+    early = final["stopped_early"].to_numpy(bool)
+    x, y, score = (final[c].to_numpy(float) for c in ("identity_acc", "expression_acc", SCORE))
+    points = ax.scatter(x[~early], y[~early], c=score[~early], cmap="viridis", s=40, label="trial (ran all epochs)", zorder=3)
+    ax.scatter(x[early], y[early], facecolors="none", edgecolors="tab:gray", s=40, label="trial stopped early by ASHA", zorder=3)
+    if (~early).any():
+        ax.figure.colorbar(points, ax=ax, label="score")
+    front = final[final["pareto"]].sort_values("identity_acc")
+    # the front as a staircase: anything below-right of it is dominated
+    fx = np.concatenate([[front["identity_acc"].iloc[0]], np.repeat(front["identity_acc"].to_numpy()[1:], 2), [1.03]])
+    fy = np.repeat(front["expression_acc"].to_numpy(), 2)
+    ax.plot(fx, fy, color="tab:red", lw=1.5, label="Pareto front", zorder=2)
+    for _, row in front.iterrows():
+        ax.annotate(str(row["trial_id"])[-5:], (row["identity_acc"], row["expression_acc"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    base = final[final["is_base"]]
+    if len(base):
+        ax.scatter(base["identity_acc"], base["expression_acc"], marker="*", s=260, color="tab:orange", edgecolors="k",
+                   label="base config's weights (paper defaults)", zorder=4)
+    best = final.loc[final[SCORE].idxmax()]
+    ax.scatter([best["identity_acc"]], [best["expression_acc"]], marker="o", s=160, facecolors="none", edgecolors="tab:red", lw=2,
+               label="best by score", zorder=4)
+
+
+# --------------------------------------------------------------------------------------------------------- markdown
+def render_report(table: pd.DataFrame, final: pd.DataFrame, best, summary: SearchSummary, outcome: Outcome, analysis) -> str:
+    w, n_id = summary.privacy_weight, summary.num_identities
+    lines = [f"# Loss-weight search `{summary.run_uri}`", ""]
+    if not outcome.finished:
+        pending = int((~table.drop_duplicates("trial_id")["status"].isin(["TERMINATED", "ERROR"])).sum())
+        lines += [f"**Partial results**: {pending} trial(s) unfinished. Run the same command (same `--name`) to continue.", ""]
+    lines += [
+        f"{outcome.trials} trials, {outcome.stopped_early} stopped early by ASHA, {outcome.errors} failed. "
+        f"Each trial reports after every epoch (at most {summary.max_epochs}); the tables use each trial's last report.",
+        "",
+        "## How trials are scored",
+        "",
+        "- `identity_acc` (privacy proxy): the frozen identity judge, trained once on original images, names the *source* "
+        f"identity of an anonymised validation image (target identity never the source). Chance = 1/{n_id} = {1 / n_id:.3f}.",
+        "- `expression_acc` (utility proxy): the frozen expression judge names the source expression of the anonymised image.",
+        f"- `score = expression_acc - {w:g} * max(0, identity_acc - 1/{n_id})`: ASHA ranks trials by it; the best trial maximises it.",
+    ]
+    if summary.reference:
+        lines.append(
+            f"- Judges on the original validation images (no anonymisation): identity {summary.reference['identity_acc']:.3f}, "
+            f"expression {summary.reference['expression_acc']:.3f}."
+        )
+    lines += ["", "## Best trial by score", ""]
+    if best is None:
+        lines.append("No trial reported a result.")
+    else:
+        lines += _best_section(best, summary, analysis)
+    lines += ["", "## Pareto front (lowest identity accuracy first)", ""]
+    front = final[final["pareto"]].sort_values("identity_acc") if len(final) else final
+    lines += _table(front, summary.params)
+    lines += ["", "## All trials", ""]
+    lines += _table(final.sort_values(SCORE, ascending=False) if len(final) else final, summary.params)
+    failed = table.drop_duplicates("trial_id")
+    failed = failed[failed["status"] == "ERROR"]
+    if len(failed):
+        lines += ["", f"Failed trials: {', '.join(failed['trial_id'])} (see their `error.txt` under the run folder)."]
+    lines += ["", "## Settings", "", "```yaml", *_settings_lines(summary.settings), "```", ""]
+    return "\n".join(lines)
+
+
+def _best_section(best, summary: SearchSummary, analysis) -> list[str]:
+    trial = next(t for t in analysis.trials if t.trial_id == best["trial_id"])
+    checkpoint = trial.checkpoint.path if trial.checkpoint is not None else "none"
+    params = ", ".join(f"`{p}={_fmt(best[p])}`" for p in summary.params)
+    lines = [
+        f"Trial `{best['trial_id']}`: score {best[SCORE]:.3f}, identity_acc {best['identity_acc']:.3f}, "
+        f"expression_acc {best['expression_acc']:.3f}, target_acc {best['target_acc']:.3f} after {int(best['training_iteration'])} epoch(s).",
+        "",
+        f"Weights: {params}.",
+        "",
+        "Train it fully with `python jobs/train.py --config best.yaml --data ... --storage ... [--epochs N]` "
+        "(`best.yaml` is its complete config, including the search's epochs).",
+        "",
+        f"Its last checkpoint (trainer state): `{checkpoint}`.",
+    ]
+    if best.get("is_base"):
+        lines += ["", "The best trial is the base config's own weights."]
+    return lines
+
+
+def _table(rows: pd.DataFrame, params: list[str]) -> list[str]:
+    head = ["trial", *params, "epochs", "identity_acc", "expression_acc", "target_acc", SCORE, "note"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, row in rows.iterrows():
+        note = ", ".join(n for n, flag in (("base weights", row.get("is_base")), ("stopped early", row.get("stopped_early")),
+                                            ("collapsed", row.get("collapsed") is True)) if flag)
+        cells = [f"`{row['trial_id']}`", *(_fmt(row[p]) for p in params), str(int(row["training_iteration"])),
+                 *(f"{row[c]:.3f}" for c in ("identity_acc", "expression_acc", "target_acc", SCORE)), note]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, (float, np.floating)) else str(value)
+
+
+def _settings_lines(settings: dict[str, Any]) -> list[str]:
+    import yaml
+
+    return yaml.safe_dump(settings, sort_keys=False).rstrip().splitlines()

@@ -1,0 +1,181 @@
+"""Batch anonymisation: the Parquet schema, the request checks shared with the server, and `pprl anonymize-images`
+running the Ray Data pipeline on the shared local cluster (no HTTP)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import zlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pprl import storage
+from pprl.serve import schema
+from pprl.serve.security import (
+    Rejected,
+    check_allowed,
+    check_image_header,
+    decode_checked,
+    parse_target,
+    pseudonym_identity,
+)
+
+
+def png_bytes(side: int = 48, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_bomb(side: int = 20000) -> bytes:
+    """A valid PNG header claiming side x side pixels, with 1 MiB of zlib-compressed zeros as data: ~1 KB on the wire."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 2**20, 9)) + chunk(b"IEND", b"")
+
+
+# --- schema ----------------------------------------------------------------------------------------------------
+
+
+def test_schema_rows_round_trip_through_parquet_with_exact_types(tmp_path):
+    ok = {
+        "source_uri": "s3://b/a.png",
+        "face_index": 0,
+        "image": png_bytes(8),
+        "target_identity": 3,
+        "expression": "joy",
+        "expression_probs": [0.1] * 7,
+        "latent": [0.5, -0.5],
+        "model_version": "v1",
+        "error": None,
+    }
+    bad = schema.error_row("s3://b/bad.png", "s3://b/bad.png: cannot decode image", model_version="v1")
+    uri = str(tmp_path / "part.parquet")
+    storage.write_parquet(schema.to_table([ok, bad]), uri)
+    table = pq.read_table(uri)
+    schema.check_schema(table.schema, uri)
+    assert table.schema.field("expression_probs").type == pa.list_(pa.float32())
+    assert table.schema.field("latent").type == pa.list_(pa.float32())
+    rows = table.to_pylist()
+    assert rows[0]["error"] is None and rows[0]["target_identity"] == 3 and rows[0]["input_image"] is None
+    assert rows[1]["image"] is None and rows[1]["latent"] is None and "cannot decode" in rows[1]["error"]
+    with pytest.raises(ValueError, match="missing column 'latent'"):
+        schema.check_schema(table.drop(["latent"]).schema, "x.parquet")
+    with pytest.raises(ValueError, match="clash"):
+        schema.result_schema([pa.field("image", pa.string())])
+
+
+# --- request checks ----------------------------------------------------------------------------------------------
+
+
+def test_image_checks_reject_bombs_garbage_truncation_and_mislabels_before_decoding():
+    assert check_image_header(png_bytes(), max_pixels=10_000, declared_type="image/png") == "PNG"
+    assert decode_checked(png_bytes(48), size=32, max_pixels=10_000).shape == (32, 32, 3)
+    cases = [
+        (png_bomb(), "image/png", 413, "decompression-bomb guard"),
+        (png_bomb(5000), "image/png", 413, "5000x5000 = 25000000 pixels; the limit is 10000"),
+        (b"", "image/png", 400, "empty"),
+        (os.urandom(2000), "image/png", 422, "not a readable PNG or JPEG"),
+        (png_bytes()[:300], "image/png", 422, "truncated"),
+        (png_bytes(), "image/jpeg", 415, "is a PNG"),
+    ]
+    for data, declared, status, message in cases:
+        with pytest.raises(Rejected) as caught:
+            decode_checked(data, size=32, max_pixels=10_000, declared_type=declared)
+        assert caught.value.status == status and message in caught.value.message, (status, caught.value.message)
+    gif = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(gif, format="GIF")
+    with pytest.raises(Rejected, match="not a readable PNG or JPEG"):
+        check_image_header(gif.getvalue(), max_pixels=10_000)
+
+
+def test_targets_index_random_and_keyed_pseudonyms():
+    secret = b"server-secret"
+    assert parse_target("4", 6, secret) == 4
+    assert all(0 <= parse_target("random", 6, secret) < 6 for _ in range(50))
+    assert parse_target("random", 6, secret, random_key="s3://b/x.png") == parse_target("random", 6, secret, random_key="s3://b/x.png")
+    keys = [f"person-{i}" for i in range(60)]
+    mapped = [parse_target(f"pseudonym:{k}", 6, secret) for k in keys]
+    assert mapped == [pseudonym_identity(k, secret, 6) for k in keys]  # stable
+    assert len(set(mapped)) == 6  # spread over every identity
+    assert mapped != [pseudonym_identity(k, b"another-secret", 6) for k in keys]  # keyed: the secret matters
+    for spec, message in (("6", "out of range"), ("-1", "out of range"), ("bob", "expected an index"), ("pseudonym:", "needs a key")):
+        with pytest.raises(Rejected, match=message):
+            parse_target(spec, 6, secret)
+
+
+def test_allow_list_resolves_traversal_symlinks_and_lookalike_buckets(tmp_path):
+    allowed_dir = tmp_path / "allowed"
+    (allowed_dir / "in").mkdir(parents=True)
+    (tmp_path / "secret").mkdir()
+    (allowed_dir / "escape").symlink_to(tmp_path / "secret")
+    allowed = [str(allowed_dir), "s3://data/incoming"]
+    assert check_allowed(str(allowed_dir / "in"), allowed, "input") == str(allowed_dir / "in")
+    assert check_allowed("s3://data/incoming/day1/", allowed, "input") == "s3://data/incoming/day1"
+    refused = [
+        (str(allowed_dir / "in" / ".." / ".." / "secret"), 403),
+        (str(allowed_dir / "escape"), 403),
+        ("/etc", 403),
+        ("s3://data/incoming-evil/x", 403),
+        ("s3://data/incoming/../private", 400),
+        ("http://example.com/x", 400),
+    ]
+    for uri, status in refused:
+        with pytest.raises(Rejected) as caught:
+            check_allowed(uri, allowed, "input")
+        assert caught.value.status == status, uri
+    with pytest.raises(Rejected, match="disabled"):
+        check_allowed(str(allowed_dir), [], "output")
+
+
+# --- the pipeline without HTTP -----------------------------------------------------------------------------------
+
+
+def run_cli(main, args: list[str], capsys) -> dict:
+    """Run a `pprl` command to completion; return the JSON summary it prints last."""
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    assert exited.value.code == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_anonymize_images_cli_over_a_dataset_manifest_stores_inputs_on_request_and_resumes(ray_head, trained_model, tmp_path, capsys):
+    import ray
+
+    from pprl.cli import main
+    from pprl.data.generate import SynthSpec, generate
+
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    generate(data, SynthSpec(images_per_cell=1, seed=3), progress=False)  # 6 identities x 7 expressions = 42 images
+    manifest = pq.read_table(f"{data}/manifest.parquet").to_pandas()
+    args = ["anonymize-images", "--input", f"{data}/manifest.parquet", "--output", out, "--model", trained_model]
+    args += ["--identity", "pseudonym:album-7", "--batch-size", "16", "--store-inputs"]
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address=ray_head["address"])
+    try:
+        first = run_cli(main, args, capsys)
+        parts = storage.list_files(out, (".parquet",))
+        second = run_cli(main, args, capsys)
+    finally:
+        ray.shutdown()
+    assert first == {"output": out, "total": 42, "skipped": 0, "done": 42, "failed": 0, "parts": len(parts)}
+    rows = [r for p in parts for r in pq.read_table(p).to_pylist()]
+    assert sorted(r["source_uri"] for r in rows) == sorted(f"{data}/{p}" for p in manifest["path"])
+    assert len({r["target_identity"] for r in rows}) == 1  # one pseudonym -> one avatar for the whole album
+    for row in rows[:5]:
+        assert row["input_image"] == storage.read_bytes(row["source_uri"])  # asked for, so stored verbatim
+        assert Image.open(io.BytesIO(row["image"])).format == "PNG" and row["error"] is None
+    assert second == {"output": out, "total": 42, "skipped": 42, "done": 0, "failed": 0, "parts": 0}
+    assert storage.list_files(out, (".parquet",)) == parts

@@ -1,0 +1,129 @@
+"""Distributed training end to end: real `ray job submit` against a real `ray start --head`, 2 DDP workers on CPU (gloo).
+
+Each job trains cpu-quick for a few tiny steps; what is checked is the platform around the trainer: checkpoints and
+the model bundle in local or S3 storage, a worker crash that is survived, resuming by name, and collapse rollback.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from pprl import storage
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 2  # per epoch
+OVERRIDES = [f"train.steps_per_epoch={STEPS}", "train.batch_size=8", "train.num_workers=0", "train.sample_rows=2", "train.log_every=0"]
+TINY = ["--preset", "cpu-quick", *(arg for item in OVERRIDES for arg in ("--set", item))]
+
+pytestmark = pytest.mark.slow
+
+
+def submit(ray_head: dict, args: list[str], env: dict[str, str] | None = None, timeout: int = 420) -> str:
+    """`ray job submit --working-dir . -- python jobs/train.py ARGS`; waits for the end, returns the job's log."""
+    env_vars = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **(env or {})}  # `python` = this venv's
+    cmd = [
+        str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_head["dashboard"],
+        "--working-dir", ".", "--runtime-env-json", json.dumps({"env_vars": env_vars}),
+        "--", "python", "jobs/train.py", *args,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "succeeded" in log, f"job failed ({proc.returncode}):\n{log[-6000:]}"
+    return log
+
+
+def metrics_rows(run: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(storage.read_text(storage.join(run, "metrics.csv")))))
+
+
+def checkpoints(run: str) -> list[str]:
+    """Checkpoint folders Ray kept in the run folder (named by epoch)."""
+    return sorted({Path(storage.strip_scheme(f)).parent.name for f in storage.list_files(run) if f.endswith("trainer.pt")})
+
+
+def check_run(run: str, epochs: int) -> None:
+    rows = metrics_rows(run)
+    assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))  # no epoch counted twice
+    assert int(rows[-1]["step"]) == epochs * STEPS
+    last = rows[-1]
+    assert float(last["images_per_s"]) > 0 and float(last["images_per_s_worker"]) > 0
+    assert 1.0 < float(last["images_per_s"]) / float(last["images_per_s_worker"]) < 3.0  # total of 2 workers
+    assert checkpoints(run)[-1] == f"epoch_{epochs:04d}"
+    assert len(checkpoints(run)) <= 2  # --keep-checkpoints default
+    ckpt = storage.join(run, checkpoints(run)[-1])
+    assert storage.exists(storage.join(ckpt, "rng-0.pt")) and storage.exists(storage.join(ckpt, "rng-1.pt"))
+    for name in ("model.pt", "config.yaml", "bundle.json"):
+        assert storage.exists(storage.join(run, "model", name)), name
+    assert storage.exists(storage.join(run, "samples", f"epoch_{epochs:04d}.png"))
+    assert storage.list_files(storage.join(run, "tensorboard"))
+
+
+def test_job_local_storage_then_resume_by_name(ray_head, small_data, tmp_path):
+    """2 workers, 2 epochs into a local folder; the same --name with --epochs 3 continues where it stopped."""
+    store, name = str(tmp_path / "runs"), f"local-{uuid.uuid4().hex[:6]}"
+    log = submit(ray_head, [*TINY, "--num-workers", "2", "--data", small_data, "--storage", store, "--name", name, "--epochs", "2"])
+    run = storage.join(store, name)
+    check_run(run, epochs=2)
+    assert "images_per_s" in log  # per-epoch metrics are in the job's log
+    from pprl.anonymizer import Anonymizer
+
+    model = Anonymizer.load(storage.join(run, "model"))
+    assert model.image_size == 32 and model.num_identities == 6
+
+    log = submit(ray_head, [*TINY, "--num-workers", "2", "--data", small_data, "--storage", store, "--name", name, "--epochs", "3"])
+    assert "resumed at epoch 2" in log
+    check_run(run, epochs=3)
+
+
+def test_worker_crash_is_survived(ray_head, small_data, tmp_path):
+    """Rank 1 exits mid-epoch 2; Ray restarts the group from the epoch-1 checkpoint and the run ends at the right step."""
+    store, name = str(tmp_path / "runs"), f"crash-{uuid.uuid4().hex[:6]}"
+    args = [*TINY, "--num-workers", "2", "--loader", "torch", "--data", small_data, "--storage", store, "--name", name, "--epochs", "2"]
+    log = submit(ray_head, args, env={"PPRL_FAIL_AT_STEP": f"1:{STEPS + 1}"})
+    run = storage.join(store, name)
+    assert storage.exists(storage.join(run, f".fault-injected-rank1-step{STEPS + 1}"))
+    assert "rank 1 exits at step" in log and "resumed at epoch 1" in log
+    check_run(run, epochs=2)
+
+
+@pytest.fixture
+def s3_data(small_data, s3_bucket) -> str:
+    """small_data copied to the loopback S3 server."""
+    root = Path(small_data)
+    dest = f"{s3_bucket}/datasets/small"
+    files = [p for p in root.rglob("*") if p.is_file()]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda p: storage.write_bytes(storage.join(dest, str(p.relative_to(root))), p.read_bytes()), files))
+    return dest
+
+
+def test_job_s3_storage(ray_head, s3_data, s3_bucket, tmp_path):
+    """Data and run storage on S3: staged to local disk for DALI, checkpoints through pyarrow, bundle through s3fs."""
+    name = f"s3-{uuid.uuid4().hex[:6]}"
+    store = f"{s3_bucket}/runs"
+    env = {**storage.s3_env(), "PPRL_CACHE_DIR": str(tmp_path / "stage")}
+    submit(ray_head, [*TINY, "--num-workers", "2", "--data", s3_data, "--storage", store, "--name", name, "--epochs", "2"], env=env)
+    check_run(storage.join(store, name), epochs=2)
+    assert any((tmp_path / "stage").rglob("*.png"))
+
+
+def test_collapse_rolls_back_once_then_gives_up(small_data, tmp_path, caplog):
+    """A diverging run (lr=1: NaNs, D accuracies pinned) rolls back with a new seed once, then stops with a clear error."""
+    from pprl.config import load_config
+    from pprl.train.distributed import TrainJob, launch
+
+    cfg = load_config("cpu-quick", overrides=[*OVERRIDES, "train.steps_per_epoch=1", "optim.lr=1.0", "train.collapse_patience=1", "train.epochs=4"])
+    job = TrainJob(config=cfg.to_dict(), data=small_data, storage=str(tmp_path), name="collapse", num_workers=0, loader="torch")
+    with pytest.raises(RuntimeError, match="after one rollback"):
+        launch(job)
+    assert "rolled back to epoch 1 with seed 1" in caplog.text
+    assert not storage.exists(storage.join(job.run_uri, "model", "model.pt"))  # no bundle from a collapsed run

@@ -1,0 +1,208 @@
+"""Privacy vs utility evaluation: the paper's scenarios on a trained model, a non-anonymising model that must be
+flagged, the report files, the applications, and the pieces (targets, subsample, linkage chance, mouth box)."""
+
+from __future__ import annotations
+
+import io
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pprl import storage
+from pprl.cli import main
+from pprl.data.dataset import load_dataset
+from pprl.evaluate import applications as apps
+from pprl.evaluate.classifiers import FitSpec, fit, stratified_holdout
+from pprl.evaluate.run import run_evaluation
+from pprl.evaluate.scenarios import (
+    check_compatible,
+    identity_link_chance,
+    options_for,
+    random_targets,
+    stratified_subsample,
+)
+
+
+class IdentityAnonymizer:
+    """A deliberately non-anonymising "model" with the Anonymizer interface: every image comes back unchanged,
+    the latent is the 8x8 downsampled image. The evaluation must flag it."""
+
+    num_expressions = 7
+    version = "identity-function"
+
+    def __init__(self, image_size: int = 32, num_identities: int = 6):
+        self.image_size, self.num_identities, self.latent_dim = image_size, num_identities, 8 * 8 * 3
+
+    def _prep(self, images) -> np.ndarray:
+        images = np.asarray(images, np.uint8)
+        images = images[None] if images.ndim == 3 else images
+        s = self.image_size
+        return np.stack([im if im.shape[0] == s else np.asarray(Image.fromarray(im).resize((s, s), Image.BILINEAR)) for im in images])
+
+    def encode(self, images) -> np.ndarray:
+        small = np.stack([np.asarray(Image.fromarray(im).resize((8, 8), Image.BILINEAR)) for im in self._prep(images)])
+        return (small.reshape(len(small), -1) / 255.0).astype(np.float32)
+
+    def anonymize(self, images, target_identities, sample: bool = False) -> np.ndarray:
+        return self._prep(images)
+
+    def predict_expression(self, images) -> np.ndarray:
+        return np.full((len(self._prep(images)), 7), 1 / 7, np.float32)
+
+    def run(self, images, target_identities):
+        x = self._prep(images)
+        targets = np.broadcast_to(np.asarray(target_identities), (len(x),)).copy()
+        return SimpleNamespace(images=x, latents=self.encode(x), expression_probs=self.predict_expression(x), targets=targets)
+
+    def morph(self, a, b, steps: int, identity: int) -> np.ndarray:
+        a, b = (self._prep(v)[0].astype(np.float32) for v in (a, b))
+        return np.stack([((1 - t) * a + t * b).round().astype(np.uint8) for t in np.linspace(0, 1, steps)])
+
+    def complete(self, images, mask, identities=None) -> np.ndarray:
+        return self._prep(images)
+
+
+def _rows(report: dict) -> dict[tuple[str, str], dict]:
+    return {(r["scenario"], r["attacker"]): r for r in report["rows"]}
+
+
+def _print_rows(report: dict) -> None:
+    for r in report["rows"]:
+        ident, expr = r["identity_accuracy"], r["expression_accuracy"]
+        print(f"{r['scenario']:<22} {r['attacker']:<10} identity {100 * ident:5.1f}%  expression {'   -  ' if expr is None else f'{100 * expr:5.1f}%'}")
+    for r in report["linkage"]:
+        print(f"linkage {r['attacker']} ({r['feature_space']}): identity top1 {r['identity_top1']:.3f} top5 {r['identity_top5']:.3f}, "
+              f"instance top1 {r['instance_top1']:.3f} top5 {r['instance_top5']:.3f}")  # fmt: skip
+    for r in report["target_success"]:
+        print(f"target success {r['classifier']}: {r['target_success_rate']:.3f} (chance {r['chance']:.3f})")
+    print("D expression head on anonymised:", report["d_expression_accuracy"], "| flags:", report["privacy_flags"])
+
+
+def _check_report_files(out: str, n_test: int) -> None:
+    md = storage.read_text(storage.join(out, "report.md"))
+    assert "| Scenario | Identity acc." in md and "Attack 1 (train on originals" in md and "Random guess | 16.7% | 14.3%" in md
+    for name in ("privacy_utility.png", "morph.png", "completion.png"):
+        with Image.open(io.BytesIO(storage.read_bytes(storage.join(out, name)))) as im:
+            im.verify()
+            assert im.format == "PNG" and im.size[0] >= 64
+    fs, path = storage.filesystem(storage.join(out, "predictions.parquet"))
+    with fs.open(path, "rb") as f:
+        predictions = pd.read_parquet(f)
+    assert len(predictions) == n_test
+    assert {"source_identity", "expression", "target_identity", "pred.attack-1.paper-cnn.identity", "pred.attack-3.paper-mlp.expression"} <= set(predictions.columns)
+    assert (predictions["target_identity"] != predictions["source_identity"]).all()
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+@pytest.mark.slow
+def test_identity_function_model_is_flagged(synth_data, s3_bucket):
+    """A model that does not anonymise at all: attack 1 must recognise nearly everyone, and the report says so."""
+    out = f"{s3_bucket}/eval-identity"
+    options = options_for("quick", train_limit=600, strong=False)
+    report, evaluation, _ = run_evaluation(IdentityAnonymizer(32), load_dataset(synth_data), out, options, use_ray=False)
+    _print_rows(report)
+    rows = _rows(report)
+    assert rows[("attack-1", "paper-cnn")]["identity_accuracy"] >= 0.90
+    assert rows[("attack-2", "paper-cnn")]["identity_accuracy"] >= 0.90
+    assert any(flag.startswith("attack-1 (paper-cnn)") for flag in report["privacy_flags"])
+    link = next(r for r in report["linkage"] if r["feature_space"] == "attack-1")
+    assert link["instance_top5"] > 0.5 and link["identity_top1"] >= 0.9  # the "anonymised" image is its own original
+    assert report["target_success"][0]["target_success_rate"] < 0.05  # targets are never the source, so never "hit"
+    saved = json.loads(storage.read_text(f"{out}/report.json"))
+    assert saved["model"]["version"] == "identity-function" and saved["data"]["n_train_used"] < saved["data"]["n_train"]
+    _check_report_files(out, len(evaluation.predictions))
+
+
+@pytest.mark.slow
+def test_trained_model_hides_identity_keeps_expression(trained_model, synth_data, ray_head, tmp_path, monkeypatch, capsys):
+    """The done-when numbers on the cpu-quick model, through the CLI, with every classifier a Ray task on a real cluster."""
+    monkeypatch.setenv("RAY_ADDRESS", ray_head["address"])
+    out = str(tmp_path / "report")
+    main(["evaluate", "--model", trained_model, "--data", synth_data, "--out", out, "--profile", "quick"])
+    printed = capsys.readouterr().out
+    report = json.loads(storage.read_text(storage.join(out, "report.json")))
+    with capsys.disabled():
+        print()
+        _print_rows(report)
+    assert "| Attack 3 (encoder's latent means, MLP) |" in printed
+    rows = _rows(report)
+    unconstrained = rows[("privacy-unconstrained", "paper-cnn")]
+    assert unconstrained["identity_accuracy"] >= 0.98 and unconstrained["expression_accuracy"] >= 0.95
+    assert rows[("attack-1", "paper-cnn")]["identity_accuracy"] <= 0.30
+    assert rows[("attack-3", "paper-mlp")]["identity_accuracy"] <= 0.30
+    assert rows[("attack-1", "paper-cnn")]["expression_accuracy"] >= 0.85  # expression on anonymised images
+    assert {("attack-2", "paper-cnn"), ("attack-1", "resnet"), ("attack-2", "resnet"), ("attack-3", "mlp-deep")} <= set(rows)
+    _check_report_files(out, report["data"]["n_test"])
+
+
+@pytest.mark.slow
+def test_morph_and_complete_commands(trained_model, synth_data, tmp_path):
+    main(["morph", "--model", trained_model, "--data", synth_data, "--out", str(tmp_path / "m.png"), "--steps", "5"])
+    with Image.open(tmp_path / "m.png") as im:
+        assert im.width > 6 * im.height  # a | 5 steps | b in one row
+    main(["complete", "--model", trained_model, "--data", synth_data, "--out", str(tmp_path / "c.png"), "--count", "3"])
+    with Image.open(tmp_path / "c.png") as im:
+        assert im.height > 2.5 * im.width / 3  # three rows of original | masked | completed
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+
+
+def test_random_targets_avoid_the_source_unless_allowed():
+    rng = np.random.default_rng(0)
+    sources = np.repeat(np.arange(6), 500)
+    targets = random_targets(sources, 6, rng)
+    assert (targets != sources).all() and set(targets) == set(range(6))
+    assert np.bincount(targets[sources == 0], minlength=6)[1:].min() > 60  # uniform over the other five
+    assert (random_targets(sources, 6, rng, allow_source=True) == sources).mean() > 0.1
+
+
+def test_stratified_subsample_keeps_every_cell(small_data):
+    rows = load_dataset(small_data).split("train")
+    sub = stratified_subsample(rows, 100, seed=0)
+    assert len(sub) == 100
+    assert sub.groupby(["identity", "expression"]).size().min() >= 1
+    assert len(stratified_subsample(rows, 0, seed=0)) == len(rows)
+
+
+def test_linkage_chance_matches_a_random_ranking():
+    ids = np.repeat(np.arange(6), 50)
+    assert identity_link_chance(ids, 1) == pytest.approx(1 / 6)
+    rng = np.random.default_rng(0)
+    hits = [(ids[rng.permutation(len(ids))[:5]] == ids[q]).any() for q in rng.integers(0, len(ids), 4000)]
+    assert identity_link_chance(ids, 5) == pytest.approx(np.mean(hits), abs=0.03)
+
+
+def test_mouth_box_scales_the_authors_box():
+    assert apps.mouth_box(64) == (40, 55, 18, 47)
+    assert apps.mouth_box(32) == (20, 28, 9, 24)
+    assert apps.mouth_mask(128).sum() == (110 - 80) * (94 - 36)
+
+
+def test_epoch_is_chosen_on_validation_data_only():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 40)
+    x = (np.eye(4)[y] * 2 + rng.normal(0, 0.5, (len(y), 4))).astype(np.float32)
+    train_idx, val_idx = stratified_holdout(y, 0.1, seed=0)
+    assert not set(train_idx) & set(val_idx) and len(val_idx) == 16
+    fitted = fit(FitSpec("paper-mlp", epochs=4, batch_size=32), x, y, 4)
+    best = max(h["val_accuracy"] for h in fitted.history)
+    assert fitted.val_accuracy == pytest.approx(best, abs=1e-4)
+    assert fitted.history[fitted.best_epoch - 1]["val_accuracy"] == pytest.approx(best, abs=1e-4)
+
+
+def test_bad_inputs_are_refused_with_a_clear_message(small_data):
+    with pytest.raises(ValueError, match="unknown classifier arch 'vgg'"):
+        FitSpec("vgg")
+    with pytest.raises(ValueError, match="has 8 identities but the dataset"):
+        check_compatible(IdentityAnonymizer(32, num_identities=8), load_dataset(small_data))
+    with pytest.raises(ValueError, match="unknown evaluation profile"):
+        options_for("fast")
+    with pytest.raises(ValueError, match="unknown expression 'smile'"):
+        apps.expression_index("smile")
