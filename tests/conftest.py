@@ -129,3 +129,15 @@ def ray_head(tmp_path_factory):
         proc.wait(timeout=10)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def judges(synth_data, trained_model):
+    """Identity and expression judges (the authors' CNN) trained once on the synthetic originals at the model's size.
+
+    Shared by the tests that check what an anonymised face shows (serving, footage).
+    """
+    from pprl.evaluate.judges import train_judges
+    from pprl.serve.batch import bundle_info
+
+    return train_judges(synth_data, int(bundle_info(trained_model)["image_size"]), epochs=6, train_limit=2100)

@@ -7,6 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+
 from pprl.data.dataset import load_dataset
 from pprl.data.loader import TorchBatches, pass_order, resize_linear, shard_bounds, stage_split
 

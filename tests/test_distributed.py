@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
 from pprl import storage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +28,7 @@ TINY = ["--preset", "cpu-quick", *(arg for item in OVERRIDES for arg in ("--set"
 pytestmark = pytest.mark.slow
 
 
-def submit(ray_head: dict, args: list[str], env: dict[str, str] | None = None, timeout: int = 420) -> str:
+def submit(ray_head: dict, log_dir: Path, args: list[str], env: dict[str, str] | None = None, timeout: int = 420) -> str:
     """`ray job submit --working-dir . -- python jobs/train.py ARGS`; waits for the end, returns the job's log."""
     env_vars = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **(env or {})}  # `python` = this venv's
     cmd = [
@@ -37,7 +38,9 @@ def submit(ray_head: dict, args: list[str], env: dict[str, str] | None = None, t
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     log = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "succeeded" in log, f"job failed ({proc.returncode}):\n{log[-6000:]}"
+    saved = Path(log_dir, f"job-{uuid.uuid4().hex[:6]}.log")
+    saved.write_text(log)
+    assert proc.returncode == 0 and "succeeded" in log, f"job failed ({proc.returncode}), whole log in {saved}:\n{log[-6000:]}"
     return log
 
 
@@ -70,7 +73,7 @@ def check_run(run: str, epochs: int) -> None:
 def test_job_local_storage_then_resume_by_name(ray_head, small_data, tmp_path):
     """2 workers, 2 epochs into a local folder; the same --name with --epochs 3 continues where it stopped."""
     store, name = str(tmp_path / "runs"), f"local-{uuid.uuid4().hex[:6]}"
-    log = submit(ray_head, [*TINY, "--num-workers", "2", "--data", small_data, "--storage", store, "--name", name, "--epochs", "2"])
+    log = submit(ray_head, tmp_path, [*TINY, "--num-workers", "2", "--data", small_data, "--storage", store, "--name", name, "--epochs", "2"])
     run = storage.join(store, name)
     check_run(run, epochs=2)
     assert "images_per_s" in log  # per-epoch metrics are in the job's log
@@ -79,7 +82,7 @@ def test_job_local_storage_then_resume_by_name(ray_head, small_data, tmp_path):
     model = Anonymizer.load(storage.join(run, "model"))
     assert model.image_size == 32 and model.num_identities == 6
 
-    log = submit(ray_head, [*TINY, "--num-workers", "2", "--data", small_data, "--storage", store, "--name", name, "--epochs", "3"])
+    log = submit(ray_head, tmp_path, [*TINY, "--num-workers", "2", "--data", small_data, "--storage", store, "--name", name, "--epochs", "3"])
     assert "resumed at epoch 2" in log
     check_run(run, epochs=3)
 
@@ -88,7 +91,7 @@ def test_worker_crash_is_survived(ray_head, small_data, tmp_path):
     """Rank 1 exits mid-epoch 2; Ray restarts the group from the epoch-1 checkpoint and the run ends at the right step."""
     store, name = str(tmp_path / "runs"), f"crash-{uuid.uuid4().hex[:6]}"
     args = [*TINY, "--num-workers", "2", "--loader", "torch", "--data", small_data, "--storage", store, "--name", name, "--epochs", "2"]
-    log = submit(ray_head, args, env={"PPRL_FAIL_AT_STEP": f"1:{STEPS + 1}"})
+    log = submit(ray_head, tmp_path, args, env={"PPRL_FAIL_AT_STEP": f"1:{STEPS + 1}"})
     run = storage.join(store, name)
     assert storage.exists(storage.join(run, f".fault-injected-rank1-step{STEPS + 1}"))
     assert "rank 1 exits at step" in log and "resumed at epoch 1" in log
@@ -111,7 +114,7 @@ def test_job_s3_storage(ray_head, s3_data, s3_bucket, tmp_path):
     name = f"s3-{uuid.uuid4().hex[:6]}"
     store = f"{s3_bucket}/runs"
     env = {**storage.s3_env(), "PPRL_CACHE_DIR": str(tmp_path / "stage")}
-    submit(ray_head, [*TINY, "--num-workers", "2", "--data", s3_data, "--storage", store, "--name", name, "--epochs", "2"], env=env)
+    submit(ray_head, tmp_path, [*TINY, "--num-workers", "2", "--data", s3_data, "--storage", store, "--name", name, "--epochs", "2"], env=env)
     check_run(storage.join(store, name), epochs=2)
     assert any((tmp_path / "stage").rglob("*.png"))
 
@@ -127,3 +130,28 @@ def test_collapse_rolls_back_once_then_gives_up(small_data, tmp_path, caplog):
         launch(job)
     assert "rolled back to epoch 1 with seed 1" in caplog.text
     assert not storage.exists(storage.join(job.run_uri, "model", "model.pt"))  # no bundle from a collapsed run
+
+
+BLOCK_RAY_AND_DALI = """
+import runpy, sys
+class Block:  # a GPU box may have neither: prove the check never imports them
+    def find_spec(self, name, path=None, target=None):
+        if name == "ray" or name.startswith(("ray.", "nvidia.dali")):
+            raise ImportError(f"blocked for this test: {name}")
+sys.meta_path.insert(0, Block())
+sys.argv = ["bench/gpu_check.py", *sys.argv[1:]]
+runpy.run_path("bench/gpu_check.py", run_name="__main__")
+"""
+
+
+def test_gpu_check_smoke_on_cpu_without_ray_or_dali(tmp_path):
+    """bench/gpu_check.py: the real Trainer and Anonymizer path, a table of numbers, no Ray or DALI needed."""
+    out = tmp_path / "gpu.json"
+    args = ["--device", "cpu", "--steps", "5", "--warmup", "1", "--batch-size", "4", "--anon-batches", "1,4", "--anon-seconds", "0.2", "--json", str(out)]
+    proc = subprocess.run([sys.executable, "-c", BLOCK_RAY_AND_DALI, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "| train | eager | 4 |" in proc.stdout and "| anonymize | Anonymizer.anonymize | 4 |" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["flops_per_image"] > 1e8  # paper-ferg at 64x64: ~1.3 GFLOP per training image
+    assert [(r["phase"], r["batch"]) for r in result["rows"]] == [("train", 4), ("anonymize", 1), ("anonymize", 4)]
+    assert all(r["per_s"] > 0 for r in result["rows"])

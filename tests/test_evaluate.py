@@ -206,3 +206,19 @@ def test_bad_inputs_are_refused_with_a_clear_message(small_data):
         options_for("fast")
     with pytest.raises(ValueError, match="unknown expression 'smile'"):
         apps.expression_index("smile")
+
+
+def test_judges_score_images_of_any_size_or_tensors(small_data):
+    import torch
+
+    from pprl.evaluate.judges import train_judges
+
+    ds = load_dataset(small_data)
+    judges = train_judges(ds, size=32, epochs=6, batch_size=32)
+    x, ids, exprs = ds.arrays("test", 64)  # 64 px in, resized to the judges' 32
+    assert judges.identity_accuracy(x, ids) >= 0.8  # identity is easy on the synthetic faces
+    as_tensor = torch.from_numpy(judges.images(x)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert judges.identity_accuracy(as_tensor, ids) == pytest.approx(judges.identity_accuracy(x, ids), abs=0.02)
+    assert 0.0 <= judges.expression_accuracy(x, exprs) <= 1.0
+    with pytest.raises(ValueError, match="expected uint8 images"):
+        judges.identity_accuracy(x.astype(np.float32), ids)

@@ -17,9 +17,10 @@ import sys
 import tomllib
 from pathlib import Path
 
-import k8s_manifests as km
 import pytest
 import yaml
+
+import k8s_manifests as km
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"

@@ -91,17 +91,12 @@ def faces(synth_data):
 
 
 @pytest.fixture(scope="module")
-def identity_judge(synth_data, trained_model):
-    """The evaluation area's identity judge (the authors' CNN) trained on the synthetic originals at the model's size."""
-    from pprl.evaluate.judges import train_judges
-    from pprl.serve.batch import bundle_info
-
-    size = int(bundle_info(trained_model)["image_size"])
-    judges = train_judges(synth_data, size=size, epochs=4, train_limit=1200, device="cpu")
+def identity_judge(judges, synth_data):
+    """The evaluation area's identity judge, checked on held-out originals before it judges anything."""
     ds = load_dataset(synth_data)
     test = ds.split("test").groupby("identity").head(30)
-    assert judges.identity_accuracy(ds.load_images(test, size), test["identity"].to_numpy()) > 0.95, "the judge must recognise originals"
-    return judges, size
+    assert judges.identity_accuracy(ds.load_images(test, judges.size), test["identity"].to_numpy()) > 0.95, "the judge must recognise originals"
+    return judges, judges.size
 
 
 def png_of(response: httpx.Response) -> np.ndarray:

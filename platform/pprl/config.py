@@ -67,6 +67,7 @@ class LossConfig:
     g_exp: float = 0.29  # expression head must see the source expression
     g_recon: float = 0.0  # deviation: L1 self-reconstruction with the source identity code (0 = paper)
     g_latent: float = 0.0  # deviation: the encoder's latent mean must fool an identity classifier (0 = paper)
+    g_cycle: float = 0.0  # deviation: encoding a fake must give back the source's latent mean (0 = paper)
     real_label: tuple[float, float] = (0.9, 1.0)  # noisy label smoothing ranges
     fake_label: tuple[float, float] = (0.0, 0.1)
 
@@ -75,7 +76,7 @@ class LossConfig:
         self.d_fake = tuple(self.d_fake)
         self.real_label = tuple(self.real_label)
         self.fake_label = tuple(self.fake_label)
-        for name in ("g_kl", "g_adv", "g_id", "g_exp", "g_recon", "g_latent"):
+        for name in ("g_kl", "g_adv", "g_id", "g_exp", "g_recon", "g_latent", "g_cycle"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -105,6 +106,8 @@ class TrainConfig:
     sample_rows: int = 6  # test inputs shown in the per-epoch sample grid
     collapse_patience: int = 3  # epochs of pinned D accuracy / flat identity loss before flagging collapse
     log_every: int = 20  # steps between log lines
+    latent_steps_per_d: int = 4  # latent-classifier updates per iteration (loss.g_latent > 0 only)
+    latent_buffer: int = 2048  # recent latent means the latent classifier trains on
 
 
 @dataclass

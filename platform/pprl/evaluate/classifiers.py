@@ -10,6 +10,7 @@ float32 (N, D) arrays.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -195,6 +196,17 @@ class Fitted:
 
     def accuracy(self, x: np.ndarray, labels: np.ndarray) -> float:
         return accuracy(self.predict(x), labels)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Small classifiers on a shared CPU: more than one intra-op thread is slower (8x measured on 2 busy cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:

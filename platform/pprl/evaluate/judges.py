@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from pprl.data.dataset import Dataset, load_dataset
-from pprl.evaluate.classifiers import Fitted, accuracy, fit, paper_spec
+from pprl.evaluate.classifiers import Fitted, accuracy, fit, paper_spec, torch_threads
 from pprl.evaluate.scenarios import stratified_subsample
 
 
@@ -75,6 +75,7 @@ def train_judges(
     images = ds.load_images(rows, size)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     spec = replace(paper_spec("paper-cnn", epochs, seed), batch_size=batch_size)
-    identity = fit(spec, images, rows["identity"].to_numpy(np.int64), ds.num_identities, device=device)
-    expression = fit(spec, images, rows["expression"].to_numpy(np.int64), ds.num_expressions, device=device)
+    with torch_threads(1):  # see classifiers.torch_threads; irrelevant on a GPU
+        identity = fit(spec, images, rows["identity"].to_numpy(np.int64), ds.num_identities, device=device)
+        expression = fit(spec, images, rows["expression"].to_numpy(np.int64), ds.num_expressions, device=device)
     return Judges(identity, expression, size)

@@ -122,7 +122,7 @@ def markdown(report: dict[str, Any]) -> str:
         "on images, a deeper/wider MLP on latents.",
     ]
     flags = report.get("privacy_flags") or []
-    parts += ["", "**Privacy flags:** " + ("none" if not flags else "")] + [f"- WARNING: {flag}" for flag in flags]
+    parts += ["", "**Privacy flags:** none" if not flags else "**Privacy flags:**", *(f"- WARNING: {flag}" for flag in flags)]
     parts += _linkage_md(report) + _target_md(report) + _extras_md(report)
     return "\n".join(parts) + "\n"
 

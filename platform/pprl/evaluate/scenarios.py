@@ -12,7 +12,6 @@ test predictions.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -25,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from pprl.data.dataset import Dataset
-from pprl.evaluate.classifiers import FitSpec, accuracy, fit, paper_spec, strong_spec
+from pprl.evaluate.classifiers import FitSpec, accuracy, fit, paper_spec, strong_spec, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +38,7 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "attack-3": ("latent", "latent"),
 }
 PAPER, STRONG = "paper", "strong"
+RELATIVE_COST = {"resnet": 2.0, "paper-cnn": 1.0, "mlp-deep": 0.05, "paper-mlp": 0.02}  # per epoch, to schedule long jobs first
 FLAG_FRACTION = 0.5  # privacy_flags: an attack above chance + this share of (unconstrained - chance) is flagged
 ARCHS = {PAPER: {"image": "paper-cnn", "latent": "paper-mlp"}, STRONG: {"image": "resnet", "latent": "mlp-deep"}}
 
@@ -152,13 +152,12 @@ def run_jobs(jobs: list[Job], data: EvalData, use_ray: bool, gpus_per_task: floa
             return {job.key: run_job(job, data.arrays, classes[job.task]) for job in tqdm(jobs, desc="classifiers", unit="job")}
     import ray
 
-    started_here = init_ray()
+    started = init_ray()
     try:
         arrays_ref = ray.put(data.arrays)  # once: every task reads the same zero-copy arrays
-        from pprl.train.distributed import worker_runtime_env  # S3 settings, and this pprl under --working-dir
-
-        remote = ray.remote(num_cpus=1, num_gpus=gpus_per_task, max_retries=1, runtime_env=worker_runtime_env())(_ray_job)
-        pending = {remote.remote(job, arrays_ref, classes[job.task], gpus_per_task > 0): job for job in jobs}
+        remote = ray.remote(num_cpus=1, num_gpus=gpus_per_task, max_retries=1, runtime_env=_runtime_env(started))(_ray_job)
+        by_cost = sorted(jobs, key=lambda j: RELATIVE_COST[j.spec.arch] * j.spec.epochs, reverse=True)  # longest first
+        pending = {remote.remote(job, arrays_ref, classes[job.task], gpus_per_task > 0): job for job in by_cost}
         results = {}
         with tqdm(total=len(jobs), desc="classifiers (Ray tasks)", unit="job") as bar:
             while pending:
@@ -167,35 +166,36 @@ def run_jobs(jobs: list[Job], data: EvalData, use_ray: bool, gpus_per_task: floa
                 results[job.key] = ray.get(ready[0])
                 bar.set_postfix_str(f"{job.key} done")
                 bar.update()
-        return results
+        return {job.key: results[job.key] for job in jobs}  # plan order, not finishing order
     finally:
-        if started_here:
+        if started:
             ray.shutdown()
 
 
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """Small classifiers on a shared CPU: more than one intra-op thread is slower (8x measured on 2 busy cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def _runtime_env(started: str | None) -> dict[str, Any] | None:
+    """A local Ray started here inherits this process's environment; a joined cluster gets the S3 settings and,
+    under ``ray job submit --working-dir .``, this copy of pprl (the same environment training workers get)."""
+    if started == "local":
+        return None
+    from pprl.train.distributed import worker_runtime_env
+
+    return worker_runtime_env()
 
 
-def init_ray() -> bool:
-    """Join ``RAY_ADDRESS`` when set (a cluster, or ``ray job submit``), else start a 2-CPU local Ray; True if started here."""
+def init_ray() -> str | None:
+    """Join ``RAY_ADDRESS`` when set (a cluster, or ``ray job submit``), else start a 2-CPU local Ray.
+
+    Returns "joined" or "local" when this call connected (the caller disconnects), None when Ray was already up."""
     import ray
 
     if ray.is_initialized():
-        return False
+        return None
     address = os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    return True
+        return "joined"
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    return "local"
 
 
 # --------------------------------------------------------------------------------------------------------- data

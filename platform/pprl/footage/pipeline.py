@@ -169,12 +169,20 @@ class VideoTask:
 # --- one video -------------------------------------------------------------------------------------------------
 
 
+class SetupError(RuntimeError):
+    """A failure that is not the video's fault (the model cannot be loaded): it stops the run instead of
+    marking every video as failed."""
+
+
 @functools.lru_cache(maxsize=2)
 def load_anonymizer(uri: str, device: str | None):
     """One model per worker process, reused by every video the worker gets."""
-    from pprl.anonymizer import Anonymizer
+    try:
+        from pprl.anonymizer import Anonymizer
 
-    return Anonymizer.load(uri, device=device)
+        return Anonymizer.load(uri, device=device)
+    except Exception as err:
+        raise SetupError(f"cannot load the model {uri} on {device}: {type(err).__name__}: {err}") from err
 
 
 @dataclass
@@ -371,6 +379,8 @@ def process_video_safe(task: VideoTask, options: FootageOptions) -> dict[str, An
     started = time.time()
     try:
         return process_video(task, options)
+    except SetupError:
+        raise
     except Exception as err:
         log.warning("%s failed: %s", task.input_uri, err)
         message = str(err) if task.input_uri in str(err) else f"{task.input_uri}: {err}"
@@ -540,6 +550,10 @@ def _run_ray(
             task = pending.pop(ready[0])
             try:
                 row = ray.get(ready[0])
+            except ray.exceptions.RayTaskError as err:
+                if isinstance(err.cause, SetupError):
+                    raise err.cause from None
+                row = _row(task, "error", None, None, None, 0.0, f"{type(err).__name__}: {task.input_uri}: {err}", None)
             except ray.exceptions.RayError as err:  # the worker died (OOM, crash in a codec): record it, go on
                 row = _row(task, "error", None, None, None, 0.0, f"{type(err).__name__}: {task.input_uri}: {err}", None)
             yield row

@@ -128,6 +128,7 @@ class _ClipEncoder:
     """Writes a small test clip: H.264 video, optionally a sine-tone audio stream, interleaved by time."""
 
     def __init__(self, path: str, width: int, height: int, fps: int, audio: str | None, sample_rate: int, frames: int):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.container = av.open(str(path), mode="w")
         self.container.metadata["title"] = f"pprl test clip {Path(path).name}"
         self.video = self.container.add_stream("libx264", rate=fps)

@@ -218,20 +218,21 @@ class WorkerRun:
     def run(self) -> None:
         self.restore()
         self.recent.append(serialize(self.trainer.state_dict()))
-        epochs = self.config.train.epochs
-        while self.trainer.epoch < epochs:
+        while self.trainer.epoch < self.config.train.epochs:
             self.source.set_epoch(self.trainer.epoch)  # the data position: a resumed epoch replays its own batches
             metrics = self.trainer.train_epoch()
             self.mirror_tensorboard(metrics)
-            gave_up = bool(metrics["collapsed"]) and self.rollbacks >= 1
-            self.report(metrics, gave_up=gave_up)
+            collapsed = bool(metrics["collapsed"])
+            gave_up = collapsed and self.rollbacks >= 1
+            state = None if collapsed else serialize(self.trainer.state_dict())  # a collapsed state is never checkpointed
+            self.report(metrics, state, gave_up)
             if gave_up:
                 log.error("collapse again after a rollback, giving up: %s", metrics["collapse_reason"])
                 return
-            if metrics["collapsed"]:
+            if collapsed:
                 self.roll_back()
             else:
-                self.recent.append(serialize(self.trainer.state_dict()))
+                self.recent.append(state)
         if self.rank == 0:
             self.export()
 
@@ -289,20 +290,26 @@ class WorkerRun:
             storage.write_bytes(storage.join(self.job.run_uri, "tensorboard", path.name), path.read_bytes())
 
     # ------------------------------------------------------------------------------------------------- checkpoints
-    def report(self, metrics: dict[str, Any], gave_up: bool) -> None:
-        """Every rank, once per epoch: rank 0's trainer state plus each rank's RNG, merged by Ray into one checkpoint."""
+    def report(self, metrics: dict[str, Any], state: bytes | None, gave_up: bool) -> None:
+        """Every rank, once per epoch (a barrier). With ``state``, a checkpoint that Ray merges from every rank:
+        rank 0's trainer state and run state, and each rank's own RNG streams."""
         import ray.train
 
-        state = self.trainer.state_dict()
+        if state is None:
+            ray.train.report(plain_metrics(metrics, gave_up))
+            return
         name = f"epoch_{self.trainer.epoch:04d}" + (f"-r{self.rollbacks}" if self.rollbacks else "")
         with tempfile.TemporaryDirectory(prefix="pprl-ckpt-") as tmp:
-            torch.save(state["rng"], Path(tmp, RNG_FILE.format(rank=self.rank)))
+            torch.save(self.trainer.state_dict()["rng"], Path(tmp, RNG_FILE.format(rank=self.rank)))
             if self.rank == 0:
-                Path(tmp, STATE_FILE).write_bytes(serialize(state))
+                Path(tmp, STATE_FILE).write_bytes(state)
                 run_state = {"seed": self.config.train.seed, "rollbacks": self.rollbacks, "world_size": self.world_size}
                 Path(tmp, RUN_STATE_FILE).write_text(json.dumps(run_state))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(plain_metrics(metrics, gave_up), checkpoint=checkpoint, checkpoint_dir_name=name)
+        # report() only queues the result; the controller registers it at its next poll (every 2 s). A worker that
+        # died before that poll would lose this checkpoint, so wait until it is committed before training on.
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
     def restore(self) -> None:
         import ray.train

@@ -71,8 +71,10 @@ def generator_loss(
     weights: dict[str, float],
     recon: tuple[torch.Tensor, torch.Tensor] | None = None,
     latent_logits: torch.Tensor | None = None,
+    cycle_mean: torch.Tensor | None = None,
 ) -> LossParts:
-    """The generator objective; ``recon`` is (reconstruction, input) and ``latent_logits`` the latent adversary's output."""
+    """The generator objective plus the optional deviations: ``recon`` is (reconstruction, input),
+    ``latent_logits`` the latent identity classifier's output on ``mean``, ``cycle_mean`` the encoder's mean of the fakes."""
     rf, id_logits, exp_logits = (h.float() for h in heads)
     parts = {
         "g_kl": kl_divergence(mean.float(), logvar.float()),
@@ -84,6 +86,8 @@ def generator_loss(
         parts["g_recon"] = F.l1_loss(recon[0].float(), recon[1].float())
     if latent_logits is not None:
         parts["g_latent"] = confusion_loss(latent_logits)
+    if cycle_mean is not None:
+        parts["g_cycle"] = F.mse_loss(cycle_mean.float(), mean.detach().float())
     total = sum(weights[name] * value for name, value in parts.items())
     return LossParts(total, parts)
 

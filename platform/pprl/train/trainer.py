@@ -102,6 +102,8 @@ class Trainer:
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
         self.collapse = CollapseDetector(config.train.collapse_patience, config.model.num_identities)
+        lc = config.loss
+        self._g_weights = {"g_kl": lc.g_kl, "g_adv": lc.g_adv, "g_id": lc.g_id, "g_exp": lc.g_exp, "g_recon": lc.g_recon, "g_latent": lc.g_latent, "g_cycle": lc.g_cycle}
         self._build(wrap_model or (lambda m: m))
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
@@ -145,6 +147,8 @@ class Trainer:
         self.g_opt, self.g_sched = rmsprop(self.encoder, self.decoder)
         self.d_opt, self.d_sched = rmsprop(self.disc)
         self.adv_opt = torch.optim.Adam(self.latent_adv.parameters(), lr=oc.latent_lr) if self.latent_adv is not None else None
+        self._buffer_means = torch.zeros(0, cfg.model.latent_dim, device=dev)
+        self._buffer_ids = torch.zeros(0, dtype=torch.long, device=dev)
         torch.manual_seed(cfg.train.seed + 1009 * self.rank)  # dropout and sampling noise differ per rank
         self.generator = torch.Generator().manual_seed(cfg.train.seed * 7919 + self.rank)
 
@@ -210,11 +214,20 @@ class Trainer:
             self.latent_step(mean, y_id)
 
     def latent_step(self, mean: torch.Tensor, y_id: torch.Tensor) -> None:
-        """Train the latent identity classifier on inference-mode latent means (what an attacker would see)."""
-        logits = self.adv_fwd(mean)
-        loss = torch.nn.functional.cross_entropy(logits.float(), y_id)
-        self._update(self.adv_opt, None, loss)
-        self._record({"latent_id_ce": loss.detach(), "latent_id_acc": L.accuracy(logits.detach(), y_id)})
+        """Train the latent identity classifier on inference-mode latent means (what an attacker sees).
+
+        It learns from a ring buffer of recent means, several updates per iteration, so that it keeps up with an
+        encoder that is trained to fool it (one step per batch lags behind and the encoder wins trivially)."""
+        tc = self.config.train
+        self._buffer_means = torch.cat([mean, self._buffer_means])[: tc.latent_buffer]
+        self._buffer_ids = torch.cat([y_id, self._buffer_ids])[: tc.latent_buffer]
+        n = len(self._buffer_means)
+        for _ in range(tc.latent_steps_per_d):
+            idx = torch.randint(n, (min(n, 4 * len(mean)),), generator=self.generator).to(self.device)
+            logits = self.adv_fwd(self._buffer_means[idx])
+            loss = torch.nn.functional.cross_entropy(logits.float(), self._buffer_ids[idx])
+            self._update(self.adv_opt, None, loss)
+        self._record({"latent_id_ce": loss.detach(), "latent_id_acc": L.accuracy(logits.detach(), self._buffer_ids[idx])})
 
     def g_step(self, batch: Batch) -> None:
         x, y_id, y_exp = batch
@@ -225,19 +238,34 @@ class Trainer:
             z = reparameterize(mean, logvar)
             recon = None
             if lc.g_recon > 0:  # one decoder pass for both codes: DDP allows one forward per backward
-                out = self.dec_fwd(torch.cat([z, z]), torch.cat([c, y_id]))
-                fake, rec = out.split(len(x))
+                fake, rec = self.dec_fwd(torch.cat([z, z]), torch.cat([c, y_id])).split(len(x))
                 recon = (rec, x)
             else:
                 fake = self.dec_fwd(z, c)
-            frozen_nets = [self.disc] + ([self.latent_adv] if self.latent_adv is not None else [])
-            with frozen(*frozen_nets):
+            with frozen(*self._judges()):
                 heads = self.disc_frozen(fake)
                 latent_logits = self.latent_adv(mean) if self.latent_adv is not None else None
-            weights = {"g_kl": lc.g_kl, "g_adv": lc.g_adv, "g_id": lc.g_id, "g_exp": lc.g_exp, "g_recon": lc.g_recon, "g_latent": lc.g_latent}
-            g = L.generator_loss(heads, c, y_exp, mean, logvar, weights, recon, latent_logits)
+                cycle_mean = self._encode_frozen(fake) if lc.g_cycle > 0 else None
+            g = L.generator_loss(heads, c, y_exp, mean, logvar, self._g_weights, recon, latent_logits, cycle_mean)
         self._update(self.g_opt, self.g_sched, g.total)
         self._record(g.parts, {"g_id_acc": L.accuracy(heads[1].detach(), c), "g_exp_acc": L.accuracy(heads[2].detach(), y_exp)})
+
+    def _judges(self) -> list[nn.Module]:
+        """Networks that only judge the generator step: D, the latent classifier and (for g_cycle) the encoder."""
+        nets = [self.disc]
+        if self.latent_adv is not None:
+            nets.append(self.latent_adv)
+        if self.config.loss.g_cycle > 0:
+            nets.append(self.encoder)
+        return nets
+
+    def _encode_frozen(self, fake: torch.Tensor) -> torch.Tensor:
+        """Latent mean of the fakes from the plain encoder in inference mode: g_cycle trains the decoder, not the encoder."""
+        self.encoder.eval()
+        try:
+            return self.encoder(fake)[0]
+        finally:
+            self.encoder.train()
 
     @staticmethod
     def _update(opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler | None, loss: torch.Tensor) -> None:
@@ -372,7 +400,11 @@ class Trainer:
         if self.gpu:
             state["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
         if self.latent_adv is not None:
-            state |= {"latent_adv": self.latent_adv.state_dict(), "adv_opt": self.adv_opt.state_dict()}
+            state |= {
+                "latent_adv": self.latent_adv.state_dict(),
+                "adv_opt": self.adv_opt.state_dict(),
+                "latent_buffer": {"means": self._buffer_means, "ids": self._buffer_ids},
+            }
         if hasattr(self._source, "state_dict"):
             state["data"] = self._source.state_dict()
         return state
@@ -393,6 +425,8 @@ class Trainer:
                 raise ValueError("checkpoint has no latent adversary but loss.g_latent > 0")
             self.latent_adv.load_state_dict(state["latent_adv"])
             self.adv_opt.load_state_dict(state["adv_opt"])
+            self._buffer_means = state["latent_buffer"]["means"].to(self.device)
+            self._buffer_ids = state["latent_buffer"]["ids"].to(self.device)
         torch.set_rng_state(state["rng"]["torch"])
         self.generator.set_state(state["rng"]["generator"])
         if self.gpu and "cuda" in state["rng"]:

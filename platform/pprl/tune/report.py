@@ -40,6 +40,7 @@ class SearchSummary:
     params: list[str]  # searched fields
     base_point: dict[str, Any] | None  # the base config's values of the searched fields, if it ran as a trial
     max_epochs: int
+    num_samples: int  # trials the search will run in total
     num_identities: int
     num_expressions: int
     privacy_weight: float
@@ -87,6 +88,14 @@ def final_rows(table: pd.DataFrame) -> pd.DataFrame:
     return done.loc[done.groupby("trial_id")["training_iteration"].idxmax()].reset_index(drop=True)
 
 
+def best_row(final: pd.DataFrame) -> pd.Series | None:
+    """Highest score; ties go to the lower identity accuracy, then the higher expression accuracy."""
+    if not len(final):
+        return None
+    order = final.sort_values([SCORE, "identity_acc", "expression_acc"], ascending=[False, True, False], kind="stable")
+    return order.iloc[0]
+
+
 def pareto_mask(identity_acc: np.ndarray, expression_acc: np.ndarray) -> np.ndarray:
     """True where no other point is at least as private and as useful, and strictly better in one of them."""
     x, y = np.asarray(identity_acc, float), np.asarray(expression_acc, float)
@@ -110,7 +119,7 @@ def write_results(analysis, summary: SearchSummary) -> Outcome:
     final["pareto"] = pareto_mask(final["identity_acc"], final["expression_acc"]) if len(final) else []
     files = {name: storage.join(summary.run_uri, name) for name in FILES}
     storage.write_parquet(pa.Table.from_pandas(table, preserve_index=False), files["trials.parquet"])
-    best = final.loc[final[SCORE].idxmax()] if len(final) else None
+    best = best_row(final)
     if best is not None:
         config = apply_params(summary.base, {p: _plain(best[p]) for p in summary.params})
         storage.write_text(files["best.yaml"], config.to_yaml())
@@ -123,7 +132,7 @@ def write_results(analysis, summary: SearchSummary) -> Outcome:
     statuses = table.drop_duplicates("trial_id")["status"]
     outcome = Outcome(
         trials=int(table["trial_id"].nunique()),
-        finished=bool(statuses.isin(["TERMINATED", "ERROR"]).all()),
+        finished=len(statuses) >= summary.num_samples and bool(statuses.isin(["TERMINATED", "ERROR"]).all()),
         stopped_early=int(table.drop_duplicates("trial_id")["stopped_early"].sum()),
         errors=int((statuses == "ERROR").sum()),
         best_trial=None if best is None else str(best["trial_id"]),
@@ -204,7 +213,7 @@ def _plot_trials(ax, final: pd.DataFrame) -> None:
     if len(base):
         ax.scatter(base["identity_acc"], base["expression_acc"], marker="*", s=260, color="tab:orange", edgecolors="k",
                    label="base config's weights (paper defaults)", zorder=4)
-    best = final.loc[final[SCORE].idxmax()]
+    best = best_row(final)
     ax.scatter([best["identity_acc"]], [best["expression_acc"]], marker="o", s=160, facecolors="none", edgecolors="tab:red", lw=2,
                label="best by score", zorder=4)
 
@@ -214,8 +223,8 @@ def render_report(table: pd.DataFrame, final: pd.DataFrame, best, summary: Searc
     w, n_id = summary.privacy_weight, summary.num_identities
     lines = [f"# Loss-weight search `{summary.run_uri}`", ""]
     if not outcome.finished:
-        pending = int((~table.drop_duplicates("trial_id")["status"].isin(["TERMINATED", "ERROR"])).sum())
-        lines += [f"**Partial results**: {pending} trial(s) unfinished. Run the same command (same `--name`) to continue.", ""]
+        done = int(table.drop_duplicates("trial_id")["status"].isin(["TERMINATED", "ERROR"]).sum())
+        lines += [f"**Partial results**: {done} of {summary.num_samples} trials finished. Run the same command (same `--name`) to continue.", ""]
     lines += [
         f"{outcome.trials} trials, {outcome.stopped_early} stopped early by ASHA, {outcome.errors} failed. "
         f"Each trial reports after every epoch (at most {summary.max_epochs}); the tables use each trial's last report.",
@@ -289,4 +298,4 @@ def _fmt(value: Any) -> str:
 def _settings_lines(settings: dict[str, Any]) -> list[str]:
     import yaml
 
-    return yaml.safe_dump(settings, sort_keys=False).rstrip().splitlines()
+    return yaml.safe_dump(settings, sort_keys=False, default_flow_style=None).rstrip().splitlines()

@@ -1,0 +1,189 @@
+"""Training: images/s and model FLOP utilisation of ``cpu-quick`` on CPU, and DDP scaling 1 -> 2 workers on Ray Train.
+
+* Throughput: the platform's ``Trainer`` fed from memory (``InMemoryBatches``: the input pipeline is benchmarked on
+  its own in data_loading), timed over whole iterations (D real + D fake + ``g_steps_per_d`` G steps), images counted
+  as the trainer counts them: ``(1 + g_steps_per_d) * batch`` per iteration. Run at 1 torch thread and at one
+  thread per core: on a shared machine the OpenMP threads of a multi-threaded run wait on each other when another
+  process holds a core, so both are shown.
+* MFU: achieved FLOP/s / this machine's measured peak. FLOPs per image are counted once with
+  ``torch.utils.flop_counter.FlopCounterMode`` over one full training iteration (``bench/gpu_check.flops_per_image``,
+  the same count the GPU check uses). A CPU has no datasheet peak we can trust here, so the denominator is the best
+  achieved FLOP/s of a large fp32 matmul (2048 x 2048) at the same thread count, measured in the same run.
+* DDP scaling: the same Trainer inside Ray Train's ``TorchTrainer`` (gloo), networks wrapped by the platform's
+  ``pprl.train.distributed.wrap_model`` (``prepare_model``), each rank reading its own shard of the training files
+  through ``make_batches`` (DALI on CPU), as ``pprl train`` runs it. Ray gives each worker one CPU (and one torch
+  thread). Efficiency = throughput(2 workers) / (2 x throughput(1 worker)).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+
+from harness import Context, Figure
+
+log = logging.getLogger("bench.training")
+PRESET = "cpu-quick"
+MATMUL_N = 2048
+
+
+def matmul_peak(threads: int, seconds: float) -> float:
+    """Best achieved fp32 FLOP/s of an N x N matmul at ``threads`` torch threads (the MFU denominator)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
+        a @ b
+        best, start = 0.0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            t = time.perf_counter()
+            a @ b
+            best = max(best, 2 * MATMUL_N**3 / (time.perf_counter() - t))
+        return best
+    finally:
+        torch.set_num_threads(previous)
+
+
+def count_flops(cfg) -> float:
+    """Training FLOPs per image, counted once (see bench/gpu_check.py)."""
+    import gpu_check
+
+    return gpu_check.flops_per_image(cfg, torch.device("cpu"))
+
+
+def iterate(trainer, seconds: float, min_steps: int = 2) -> dict[str, float]:
+    """Run whole training iterations for ``seconds``; images/s as the trainer counts them."""
+    tc = trainer.config.train
+    per_step = (1 + tc.g_steps_per_d) * tc.batch_size
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or steps < min_steps:
+        trainer.train_step()
+        steps += 1
+    elapsed = time.perf_counter() - start
+    return {"images_per_s": steps * per_step / elapsed, "steps": steps, "seconds": elapsed}
+
+
+def single_process(cfg, arrays, threads: int, seconds: float) -> dict[str, float]:
+    from pprl.train.batches import InMemoryBatches
+    from pprl.train.trainer import Trainer
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        trainer = Trainer(cfg, InMemoryBatches(*arrays, cfg.train.batch_size), device="cpu", steps_per_epoch=1)
+        trainer.train_step()  # first-call allocations and kernel selection
+        result = iterate(trainer, seconds)
+    finally:
+        torch.set_num_threads(previous)
+    log.info("trainer, %d thread(s): %.1f images/s over %d iterations", threads, result["images_per_s"], result["steps"])
+    return {**result, "threads": threads}
+
+
+# --------------------------------------------------------------------------------------------------- DDP
+
+
+def ddp_loop(cfg_: dict[str, Any]) -> None:
+    """Per-worker: build the trainer as ``pprl train`` does, warm up, time a fixed number of iterations."""
+    import ray.train
+    import ray.train.torch
+
+    from pprl import storage
+    from pprl.config import Config
+    from pprl.data.dataset import load_dataset
+    from pprl.data.loader import make_batches, stage_split
+    from pprl.train.distributed import wrap_model
+    from pprl.train.trainer import Trainer
+
+    cfg = Config.from_dict(cfg_["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    tc = cfg.train
+    source = make_batches(stage_split(load_dataset(cfg_["data"]), "train"), cfg.model.image_size, tc.batch_size, loader=cfg_["loader"],
+                          num_workers=tc.num_workers, rank=rank, world_size=world, seed=tc.seed, device=device)
+    trainer = Trainer(cfg, source, device=device, rank=rank, world_size=world, wrap_model=wrap_model if world > 1 else None,
+                      steps_per_epoch=1)
+    for _ in range(cfg_["warmup"]):
+        trainer.train_step()
+    start = time.perf_counter()
+    for _ in range(cfg_["steps"]):  # a fixed count: DDP ranks run in lock step
+        trainer.train_step()
+    elapsed = time.perf_counter() - start
+    images = world * cfg_["steps"] * (1 + tc.g_steps_per_d) * tc.batch_size
+    if rank == 0:  # Ray Train V2 keeps no metrics reported without a checkpoint: hand them back through a file
+        result = {"images_per_s": images / elapsed, "seconds": elapsed, "torch_threads": torch.get_num_threads()}
+        storage.write_text(cfg_["out"], json.dumps(result))
+
+
+def ddp_throughput(ctx: Context, cfg, workers: int, steps: int) -> dict[str, Any]:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    out = ctx.workdir / "ray-train" / f"ddp-{workers}.json"
+    out.unlink(missing_ok=True)
+    loop_config = {"config": cfg.to_dict(), "data": ctx.dataset(), "loader": "auto", "warmup": 2, "steps": steps, "out": str(out)}
+    trainer = TorchTrainer(
+        ddp_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=False),
+        run_config=RunConfig(name=f"bench-ddp-{workers}-{int(time.time())}", storage_path=str(ctx.workdir / "ray-train")),
+    )
+    started = time.perf_counter()
+    trainer.fit()
+    metrics = json.loads(out.read_text())
+    log.info("DDP %d worker(s): %.1f images/s (%.0f s with start-up)", workers, metrics["images_per_s"], time.perf_counter() - started)
+    return {**metrics, "workers": workers, "steps": steps, "wall_s": time.perf_counter() - started}
+
+
+def ddp_scaling(ctx: Context, cfg) -> tuple[dict[str, Any], dict[str, Any]]:
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        steps = 4 if ctx.quick else 20
+        return ddp_throughput(ctx, cfg, 1, steps), ddp_throughput(ctx, cfg, 2, steps)
+    finally:
+        ray.shutdown()
+
+
+# --------------------------------------------------------------------------------------------------- report
+
+
+def run(ctx: Context) -> list[Figure]:
+    from pprl.config import load_config
+    from pprl.data.dataset import load_dataset
+
+    cfg = load_config(PRESET)
+    seconds = ctx.duration(8.0, 30.0)
+    arrays = load_dataset(ctx.dataset()).arrays("train", cfg.model.image_size)
+    flops = count_flops(cfg)
+    cores = os.cpu_count() or 1
+    figures = []
+    for threads in sorted({1, cores}):
+        peak = matmul_peak(threads, min(seconds, 3.0))
+        speed = single_process(cfg, arrays, threads, seconds)
+        achieved = speed["images_per_s"] * flops
+        figures += [
+            Figure("training", f"cpu-quick Trainer, {threads} thread(s)", speed["images_per_s"], "images/s",
+                   note=f"batch {cfg.train.batch_size}, {cfg.model.image_size}px, {speed['steps']} iterations, input from memory",
+                   details=speed),
+            Figure("training", f"cpu-quick MFU, {threads} thread(s)", 100 * achieved / peak, "%",
+                   note=f"{achieved / 1e9:.2f} GFLOP/s of a {peak / 1e9:.1f} GFLOP/s measured fp32 matmul peak; "
+                        f"{flops / 1e9:.3f} GFLOP per image (FlopCounterMode)",
+                   details={"flops_per_image": flops, "matmul_peak_flops": peak, "achieved_flops": achieved}),
+        ]
+    one, two = ddp_scaling(ctx, cfg)
+    figures += [
+        Figure("training", "DDP 1 worker (Ray Train, gloo)", one["images_per_s"], "images/s",
+               note=f"{one['steps']} timed iterations, DALI CPU input, {one['torch_threads']} torch thread per worker", details=one),
+        Figure("training", "DDP 2 workers (Ray Train, gloo)", two["images_per_s"], "images/s", baseline="DDP 1 worker",
+               baseline_value=one["images_per_s"], note="global throughput; speed-up = throughput(2) / throughput(1)", details=two),
+        Figure("training", "DDP scaling efficiency, 2 workers", 100 * two["images_per_s"] / (2 * one["images_per_s"]), "%",
+               note="throughput(2) / (2 x throughput(1))"),
+    ]
+    return figures

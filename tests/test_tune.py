@@ -1,0 +1,209 @@
+"""Ray Tune loss-weight search: the search space, the objective, the validation split, and a real search on the
+shared Ray head (interrupted, resumed by name, its best.yaml then trained by jobs/train.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# cpu-quick shrunk to seconds per epoch. The self-reconstruction deviation makes even a few steps of training give
+# faces whose judged identity differs between trials, so ASHA has scores to rank (pure-paper losses leave every
+# trial's fakes at chance this early).
+TINY = ["--preset", "cpu-quick", "--set", "train.steps_per_epoch=6", "--set", "train.batch_size=32", "--set", "train.log_every=0",
+        "--set", "loss.g_recon=1.0", "--epochs", "2"]
+# One trial at a time with a seeded sampler: the trial order, and so ASHA's decisions, are the same on every run.
+SEARCH = [*TINY, "--num-samples", "6", "--max-concurrent", "1", "--cpus-per-trial", "2", "--grace-period", "1", "--reduction-factor", "4",
+          "--val-fraction", "0.25", "--judge-epochs", "6", "--judge-batch-size", "16"]
+PAPER_FERG = {"loss.g_kl": 0.002, "loss.g_adv": 0.108, "loss.g_id": 0.6, "loss.g_exp": 0.29}
+
+
+# --- search space ----------------------------------------------------------------------------------------------
+
+
+def test_default_space_is_log_uniform_around_the_paper_weights():
+    from pprl.config import load_config
+    from pprl.tune.space import base_point, check_space, parse_space, read_space
+
+    params = parse_space(read_space())
+    assert {p.field for p in params} >= set(PAPER_FERG)
+    for p in params:
+        assert p.kind == "loguniform"
+        if p.field in PAPER_FERG:
+            low, high = p.args
+            assert low <= PAPER_FERG[p.field] / 5 and high >= PAPER_FERG[p.field] * 3, p
+    for preset in ("paper-ferg", "paper-mug", "cpu-quick"):
+        check_space(params, load_config(preset))
+    assert base_point(params, load_config("paper-ferg")) == PAPER_FERG
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("loss.g_id: {gaussian: [0, 1]}", r"space\.yaml: loss\.g_id: unknown distribution 'gaussian'"),
+        ("loss.g_id: {loguniform: [0.0, 1.0]}", r"loss\.g_id: loguniform needs low > 0, got 0\.0"),
+        ("loss.g_id: {uniform: [2.0, 1.0]}", r"loss\.g_id: uniform needs low < high, got \[2\.0, 1\.0\]"),
+        ("loss.g_id: {loguniform: [0.1]}", r"loss\.g_id: loguniform needs \[low, high\] numbers"),
+        ("g_id: {loguniform: [0.1, 1.0]}", r"key 'g_id' must be a config field written section\.field"),
+        ("loss.g_id: 0.6", r"loss\.g_id: expected one distribution"),
+        ("- loss.g_id", r"space\.yaml: expected a mapping"),
+    ],
+)
+def test_bad_search_space_names_file_field_and_value(tmp_path, text, message):
+    from pprl.tune.space import read_space
+
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        read_space(str(path))
+
+
+def test_space_fields_are_checked_against_the_config():
+    from pprl.config import load_config
+    from pprl.tune.space import apply_params, check_space, parse_space
+
+    cfg = load_config("cpu-quick")
+    with pytest.raises(ValueError, match=r"loss\.g_idd.*unknown config field\(s\) loss\.g_idd"):
+        check_space(parse_space({"loss.g_idd": {"loguniform": [0.1, 1.0]}}), cfg)
+    with pytest.raises(ValueError, match=r"train\.epochs: value 2\.5 does not fit"):
+        check_space(parse_space({"train.epochs": {"choice": [2, 2.5]}}), cfg)
+    trial = apply_params(cfg.to_dict(), {"loss.g_id": 1.5, "optim.lr": 1e-4})
+    assert (trial.loss.g_id, trial.optim.lr, trial.model) == (1.5, 1e-4, cfg.model)
+
+
+# --- objective and results ---------------------------------------------------------------------------------------
+
+
+def test_score_penalises_identity_leak_above_chance_only():
+    from pprl.tune.objective import score
+
+    assert score(0.8, 1 / 6, 6, 1.0) == pytest.approx(0.8)
+    assert score(0.8, 0.0, 6, 1.0) == pytest.approx(0.8)  # below chance earns nothing extra
+    assert score(0.8, 0.5, 6, 2.0) == pytest.approx(0.8 - 2 * (0.5 - 1 / 6))
+
+
+def test_pareto_front_keeps_the_non_dominated_points():
+    from pprl.tune.report import pareto_mask
+
+    identity = np.array([0.1, 0.2, 0.2, 0.5, 0.9, 0.1])
+    expression = np.array([0.3, 0.6, 0.5, 0.6, 0.9, 0.2])
+    assert pareto_mask(identity, expression).tolist() == [True, True, False, False, True, False]
+
+
+def test_validation_is_carved_from_train_and_targets_are_never_the_source(small_data):
+    from pprl.data.dataset import load_dataset
+    from pprl.tune.data import VAL, prepare
+
+    dataset = load_dataset(small_data)
+    data = prepare(dataset, 32, fraction=0.25, limit=0, seed=0)
+    view = data.view.manifest
+    assert (view.loc[dataset.manifest["split"] == "test", "split"] == "test").all()  # the test split is left alone
+    val = view[view["split"] == VAL]
+    assert (dataset.manifest.loc[val.index, "split"] == "train").all()
+    assert val.groupby(["identity", "expression"]).size().min() >= 1  # every cell is represented
+    assert len(data.train[0]) + len(data.val.images) == (dataset.manifest["split"] == "train").sum()
+    assert data.val.images.shape[1:] == (32, 32, 3)
+    assert not np.any(data.val.targets == data.val.identity)
+    again = prepare(dataset, 32, fraction=0.25, limit=0, seed=0)
+    assert np.array_equal(again.val.targets, data.val.targets)  # the same split and targets on a resumed search
+
+
+# --- a real search -----------------------------------------------------------------------------------------------
+
+
+def start_search(args: list[str], ray_head: dict, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "RAY_ADDRESS": ray_head["address"]}
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "jobs/tune.py", *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_for_checkpoints(run: Path, count: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while len(list(run.glob("trial_*/checkpoint_*"))) < count:
+        assert proc.poll() is None, f"search exited early with {proc.returncode}"
+        assert time.time() < deadline, f"no {count} trial checkpoints under {run} after {timeout}s"
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_search_is_resumed_by_name_and_its_best_config_trains(ray_head, small_data, tmp_path):
+    store, name = tmp_path / "tune", "weights"
+    run = store / name
+    args = [*SEARCH, "--data", small_data, "--storage", str(store), "--name", name]
+
+    # 1. interrupt the search once the second trial has checkpointed its first epoch
+    proc = start_search(args, ray_head, tmp_path / "first.log")
+    try:
+        wait_for_checkpoints(run, 3, proc)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    first_log = (tmp_path / "first.log").read_text()
+    assert proc.returncode == 1 and "is unfinished: run the same command again" in first_log, first_log[-3000:]
+    assert "Partial results" in (run / "tune_report.md").read_text()
+    partial = pd.read_parquet(run / "trials.parquet")
+
+    # 2. the same command continues it
+    proc = start_search(args, ray_head, tmp_path / "second.log")
+    proc.wait(timeout=400)
+    second_log = (tmp_path / "second.log").read_text()
+    assert proc.returncode == 0, second_log[-3000:]
+    assert "resuming the search" in second_log and "judges loaded from" in second_log
+
+    table = pd.read_parquet(run / "trials.parquet")
+    trials = table.drop_duplicates("trial_id")
+    assert len(trials) == 6 and (trials["status"] == "TERMINATED").all()
+    assert set(partial["trial_id"]) <= set(table["trial_id"])
+    for trial_id, rows in table.groupby("trial_id"):  # resumed trials continue from their checkpoint, never restart
+        assert rows["training_iteration"].tolist() == list(range(1, len(rows) + 1)), trial_id
+        assert (rows["epoch"] == rows["training_iteration"]).all(), trial_id
+        assert rows[["identity_acc", "expression_acc", "score"]].notna().all().all(), trial_id
+    early = trials[trials["stopped_early"]]
+    assert len(early) >= 1, table[["trial_id", "training_iteration", "score"]]
+    assert (table.groupby("trial_id")["training_iteration"].max()[early["trial_id"]] < 2).all()
+    base = trials[trials["is_base"]]
+    assert len(base) == 1 and all(base.iloc[0][k] == pytest.approx(v) for k, v in PAPER_FERG.items())
+
+    # judges: trained once for the whole search (not per trial, not again on resume), and every trial used them
+    meta = json.loads((run / "search.json").read_text())
+    assert meta["judges_trained"] == 1 and meta["driver_runs"] == 2 and meta["resumed"] == 1
+    assert set(table["judges_token"]) == {meta["judges_token"]}
+    assert first_log.count("judges trained in") == 1 and "judges trained in" not in second_log
+
+    png = (run / "pareto.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    report = (run / "tune_report.md").read_text()
+    assert "Partial results" not in report and "## Pareto front" in report
+
+    # best.yaml: the best trial's full config, which jobs/train.py takes unchanged
+    from pprl.cli import parse_only
+    from pprl.config import load_config
+    from pprl.tune.report import best_row, final_rows
+
+    best = best_row(final_rows(table))
+    assert f"Trial `{best['trial_id']}`" in report
+    cfg = load_config(config_file=str(run / "best.yaml"))
+    assert all(getattr(cfg.loss, k.split(".")[1]) == pytest.approx(best[k]) for k in PAPER_FERG)
+    assert cfg.train.epochs == 2 and cfg.loss.g_recon == 1.0 and cfg.model.image_size == 32
+    train_args = ["--config", str(run / "best.yaml"), "--data", small_data, "--storage", str(tmp_path / "train"), "--name", "best"]
+    parse_only(["train", *train_args])
+    done = subprocess.run(
+        [sys.executable, "jobs/train.py", *train_args, "--num-workers", "0", "--epochs", "1", "--set", "train.steps_per_epoch=1", "--loader", "torch"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    trained = yaml.safe_load((tmp_path / "train" / "best" / "config.yaml").read_text())
+    assert trained["loss"] == {**cfg.to_dict()["loss"]}
