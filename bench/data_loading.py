@@ -15,7 +15,6 @@ import os
 import time
 
 import torch
-
 from harness import Context, Figure
 
 log = logging.getLogger("bench.data_loading")

@@ -172,7 +172,8 @@ def markdown_document(doc: dict[str, Any], figures: list[Figure]) -> str:
     m = doc["machine"]
     head = (
         f"Benchmarks of {doc['date']} on `{m['host']}`: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}; "
-        f"torch {m['torch']}, ray {m['ray']}, DALI {m['dali']}. Mode: {'quick' if doc['args'].get('quick') else 'full'}; "
+        f"torch {m['torch']}, ray {m['ray']}, DALI {m['dali']}; load average (1/5/15 min) at start {m.get('loadavg_at_start')}, "
+        f"at end {m.get('loadavg_at_end')}. Mode: {'quick' if doc['args'].get('quick') else 'full'}; "
         f"time per benchmark (s): {', '.join(f'{k} {v:.0f}' for k, v in doc['bench_seconds'].items())}."
     )
     parts = [head, "", markdown_table(figures)]

@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local, loopback-only clusters started by the benchmarks
     ctx = Context(quick=args.quick, workdir=Path(args.workdir), seconds=args.seconds, data_uri=args.data, model_uri=args.model)
     ctx.workdir.mkdir(parents=True, exist_ok=True)
+    info = machine() | {"loadavg_at_start": [round(v, 2) for v in os.getloadavg()]}
     figures: list[Figure] = []
     timings: dict[str, float] = {}
     errors: dict[str, str] = {}
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
             traceback.print_exc()
             errors[name] = f"{type(err).__name__}: {err}"
         timings[name] = round(time.perf_counter() - start, 1)
-    doc = report(figures, machine(), {k: v for k, v in vars(args).items()}, timings, errors, Path(args.out))
+    info["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    doc = report(figures, info, dict(vars(args)), timings, errors, Path(args.out))
     print()
     print(markdown_table(figures))
     print(f"\nwritten: {Path(args.out) / 'latest.json'}, latest.md" + (f"; FAILED: {', '.join(errors)}" if errors else ""))

@@ -24,7 +24,6 @@ import time
 from typing import Any
 
 import torch
-
 from harness import Context, Figure
 
 log = logging.getLogger("bench.training")
@@ -145,7 +144,7 @@ def ddp_scaling(ctx: Context, cfg) -> tuple[dict[str, Any], dict[str, Any]]:
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     try:
-        steps = 4 if ctx.quick else 20
+        steps = 8 if ctx.quick else 30
         return ddp_throughput(ctx, cfg, 1, steps), ddp_throughput(ctx, cfg, 2, steps)
     finally:
         ray.shutdown()
@@ -158,7 +157,7 @@ def run(ctx: Context) -> list[Figure]:
     from pprl.config import load_config
     from pprl.data.dataset import load_dataset
 
-    cfg = load_config(PRESET)
+    cfg = load_config(PRESET, overrides=["train.d_warmup_steps=0"])  # steady-state iterations: D real + D fake + G steps
     seconds = ctx.duration(8.0, 30.0)
     arrays = load_dataset(ctx.dataset()).arrays("train", cfg.model.image_size)
     flops = count_flops(cfg)

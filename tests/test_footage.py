@@ -257,15 +257,6 @@ def test_tracks_keep_one_identity_and_follow_the_true_faces(judged_run):
         assert len(pairs) == truth.true_track.nunique() == len({t for _, t in pairs}), f"{rel}: identity switches {pairs}"
 
 
-@pytest.fixture(scope="module")
-def judges(synth_data, trained_model):
-    """Identity and expression judges (the authors' CNN) trained on the synthetic originals at the model's size."""
-    from pprl.evaluate.judges import train_judges
-    from pprl.serve.batch import bundle_info
-
-    return train_judges(synth_data, int(bundle_info(trained_model)["image_size"]), epochs=6, train_limit=2100)
-
-
 def truth_crops(judged_run, which: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The crop around every labelled face box in the input or output videos, with its true labels."""
     root, margin = judged_run["root"], judged_run["options"].margin

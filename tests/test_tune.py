@@ -18,14 +18,20 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
-# cpu-quick shrunk to seconds per epoch. The self-reconstruction deviation makes even a few steps of training give
-# faces whose judged identity differs between trials, so ASHA has scores to rank (pure-paper losses leave every
-# trial's fakes at chance this early).
-TINY = ["--preset", "cpu-quick", "--set", "train.steps_per_epoch=6", "--set", "train.batch_size=32", "--set", "train.log_every=0",
-        "--set", "loss.g_recon=1.0", "--epochs", "2"]
-# One trial at a time with a seeded sampler: the trial order, and so ASHA's decisions, are the same on every run.
-SEARCH = [*TINY, "--num-samples", "6", "--max-concurrent", "1", "--cpus-per-trial", "2", "--grace-period", "1", "--reduction-factor", "4",
-          "--val-fraction", "0.25", "--judge-epochs", "6", "--judge-batch-size", "16"]
+# cpu-quick shrunk to about a second per epoch (16 px faces, 10 steps).
+TINY = ["--preset", "cpu-quick", "--set", "model.image_size=16", "--set", "train.steps_per_epoch=10", "--set", "train.batch_size=32",
+        "--set", "train.log_every=0", "--epochs", "2"]
+# The search varies a deviation that leaks identity fast: a strong self-reconstruction term (decode with the source's
+# own code) makes the anonymised faces keep their source identity within 10 steps, so those trials score below the
+# base config's (g_recon 0, run first) at the first rung and ASHA stops them. One trial at a time with a seeded
+# sampler: the same trial order, so the same ASHA decisions, on every run.
+TEST_SPACE = """
+loss.g_id: {loguniform: [0.3, 1.0]}
+loss.g_recon: {loguniform: [10.0, 40.0]}
+optim.lr: {loguniform: [1.0e-3, 3.0e-3]}
+"""
+SEARCH = [*TINY, "--num-samples", "4", "--max-concurrent", "1", "--cpus-per-trial", "2", "--grace-period", "1", "--reduction-factor", "4",
+          "--privacy-weight", "2", "--val-fraction", "0.25", "--judge-epochs", "6", "--judge-batch-size", "16"]
 PAPER_FERG = {"loss.g_kl": 0.002, "loss.g_adv": 0.108, "loss.g_id": 0.6, "loss.g_exp": 0.29}
 
 
@@ -140,12 +146,13 @@ def wait_for_checkpoints(run: Path, count: int, proc: subprocess.Popen, timeout:
 def test_search_is_resumed_by_name_and_its_best_config_trains(ray_head, small_data, tmp_path):
     store, name = tmp_path / "tune", "weights"
     run = store / name
-    args = [*SEARCH, "--data", small_data, "--storage", str(store), "--name", name]
+    (tmp_path / "space.yaml").write_text(TEST_SPACE)
+    args = [*SEARCH, "--search-space", str(tmp_path / "space.yaml"), "--data", small_data, "--storage", str(store), "--name", name]
 
-    # 1. interrupt the search once the second trial has checkpointed its first epoch
+    # 1. interrupt the search once the first trial has checkpointed its first epoch
     proc = start_search(args, ray_head, tmp_path / "first.log")
     try:
-        wait_for_checkpoints(run, 3, proc)
+        wait_for_checkpoints(run, 1, proc)
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=120)
     finally:
@@ -162,10 +169,11 @@ def test_search_is_resumed_by_name_and_its_best_config_trains(ray_head, small_da
     second_log = (tmp_path / "second.log").read_text()
     assert proc.returncode == 0, second_log[-3000:]
     assert "resuming the search" in second_log and "judges loaded from" in second_log
+    assert "trial resumed at epoch 1" in second_log  # the interrupted trial continued from its checkpoint
 
     table = pd.read_parquet(run / "trials.parquet")
     trials = table.drop_duplicates("trial_id")
-    assert len(trials) == 6 and (trials["status"] == "TERMINATED").all()
+    assert len(trials) == 4 and (trials["status"] == "TERMINATED").all()
     assert set(partial["trial_id"]) <= set(table["trial_id"])
     for trial_id, rows in table.groupby("trial_id"):  # resumed trials continue from their checkpoint, never restart
         assert rows["training_iteration"].tolist() == list(range(1, len(rows) + 1)), trial_id
@@ -175,7 +183,8 @@ def test_search_is_resumed_by_name_and_its_best_config_trains(ray_head, small_da
     assert len(early) >= 1, table[["trial_id", "training_iteration", "score"]]
     assert (table.groupby("trial_id")["training_iteration"].max()[early["trial_id"]] < 2).all()
     base = trials[trials["is_base"]]
-    assert len(base) == 1 and all(base.iloc[0][k] == pytest.approx(v) for k, v in PAPER_FERG.items())
+    assert len(base) == 1 and base.iloc[0]["trial_id"] == table["trial_id"].min()  # the base config's weights ran first
+    assert (base.iloc[0]["loss.g_id"], base.iloc[0]["loss.g_recon"], base.iloc[0]["optim.lr"]) == (0.6, 0.0, 3e-4)
 
     # judges: trained once for the whole search (not per trial, not again on resume), and every trial used them
     meta = json.loads((run / "search.json").read_text())
@@ -196,8 +205,8 @@ def test_search_is_resumed_by_name_and_its_best_config_trains(ray_head, small_da
     best = best_row(final_rows(table))
     assert f"Trial `{best['trial_id']}`" in report
     cfg = load_config(config_file=str(run / "best.yaml"))
-    assert all(getattr(cfg.loss, k.split(".")[1]) == pytest.approx(best[k]) for k in PAPER_FERG)
-    assert cfg.train.epochs == 2 and cfg.loss.g_recon == 1.0 and cfg.model.image_size == 32
+    assert (cfg.loss.g_id, cfg.loss.g_recon, cfg.optim.lr) == pytest.approx((best["loss.g_id"], best["loss.g_recon"], best["optim.lr"]))
+    assert cfg.train.epochs == 2 and cfg.model.image_size == 16 and cfg.loss.g_kl == 0.002
     train_args = ["--config", str(run / "best.yaml"), "--data", small_data, "--storage", str(tmp_path / "train"), "--name", "best"]
     parse_only(["train", *train_args])
     done = subprocess.run(

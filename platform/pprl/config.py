@@ -98,6 +98,7 @@ class TrainConfig:
     epochs: int = 400
     steps_per_epoch: int = 0  # 0 = floor(N_train / batch_size), as the authors did
     g_steps_per_d: int = 2  # generator updates per discriminator iteration, each on a fresh batch
+    d_warmup_steps: int = 0  # deviation: first iterations train only D on real images (0 = paper)
     seed: int = 0
     bf16: bool = True  # autocast on GPU only
     channels_last: bool = True  # GPU only

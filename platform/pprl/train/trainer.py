@@ -169,10 +169,17 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- steps
     def train_step(self) -> None:
-        """One discriminator iteration (real step, fake step, latent adversary) and its generator steps."""
-        self.d_step(self._next())
-        for _ in range(self.config.train.g_steps_per_d):
-            self.g_step(self._next())
+        """One discriminator iteration (real step, fake step, latent classifier) and its generator steps.
+
+        The first ``train.d_warmup_steps`` iterations only run the real step (a deviation, 0 in the paper presets):
+        the discriminator's identity and expression heads then judge from the first generator step on."""
+        tc = self.config.train
+        if self.step < tc.d_warmup_steps:
+            self.d_real_step(*self._next())
+        else:
+            self.d_step(self._next())
+            for _ in range(tc.g_steps_per_d):
+                self.g_step(self._next())
         self.step += 1
 
     @torch.no_grad()
@@ -188,30 +195,34 @@ class Trainer:
         return fake, mean.float()
 
     def d_step(self, batch: Batch) -> None:
+        """The authors' two discriminator steps: real batch, then its fakes (AC-GAN style targets c and y_exp)."""
         x, y_id, y_exp = batch
-        lc = self.config.loss
         c = self._targets(len(x))
         fake, mean = self.make_fakes(x, c)
-        self.disc_fwd.train()
-        real_t = L.noisy_labels(len(x), lc.real_label, self.generator, self.device)
+        self.d_real_step(x, y_id, y_exp)
+        lc = self.config.loss
         fake_t = L.noisy_labels(len(x), lc.fake_label, self.generator, self.device)
         with self._autocast():
-            real_heads = self.disc_fwd(x)
-            real = L.discriminator_loss(real_heads, real_t, y_id, y_exp, lc.d_real, "d_real")
-        self._update(self.d_opt, self.d_sched, real.total)
-        with self._autocast():
-            fake_heads = self.disc_fwd(fake)
-            fake_loss = L.discriminator_loss(fake_heads, fake_t, c, y_exp, lc.d_fake, "d_fake")
-        self._update(self.d_opt, self.d_sched, fake_loss.total)
-        self._record(real.parts, fake_loss.parts)
-        self._record({
-            "d_real_acc": (real_heads[0].detach() > 0).float().mean(),
-            "d_fake_acc": (fake_heads[0].detach() < 0).float().mean(),
-            "d_id_acc": L.accuracy(real_heads[1].detach(), y_id),
-            "d_exp_acc": L.accuracy(real_heads[2].detach(), y_exp),
-        })
+            heads = self.disc_fwd(fake)
+            loss = L.discriminator_loss(heads, fake_t, c, y_exp, lc.d_fake, "d_fake")
+        self._update(self.d_opt, self.d_sched, loss.total)
+        self._record(loss.parts, {"d_fake_acc": (heads[0].detach() < 0).float().mean()})
         if self.adv_fwd is not None:
             self.latent_step(mean, y_id)
+
+    def d_real_step(self, x: torch.Tensor, y_id: torch.Tensor, y_exp: torch.Tensor) -> None:
+        lc = self.config.loss
+        self.disc_fwd.train()
+        real_t = L.noisy_labels(len(x), lc.real_label, self.generator, self.device)
+        with self._autocast():
+            heads = self.disc_fwd(x)
+            loss = L.discriminator_loss(heads, real_t, y_id, y_exp, lc.d_real, "d_real")
+        self._update(self.d_opt, self.d_sched, loss.total)
+        self._record(loss.parts, {
+            "d_real_acc": (heads[0].detach() > 0).float().mean(),
+            "d_id_acc": L.accuracy(heads[1].detach(), y_id),
+            "d_exp_acc": L.accuracy(heads[2].detach(), y_exp),
+        })
 
     def latent_step(self, mean: torch.Tensor, y_id: torch.Tensor) -> None:
         """Train the latent identity classifier on inference-mode latent means (what an attacker sees).

@@ -172,22 +172,21 @@ def plot_pareto(final: pd.DataFrame, summary: SearchSummary) -> bytes:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5.5), dpi=120)
-    chance_id, chance_exp = 1 / summary.num_identities, 1 / summary.num_expressions
-    ax.axvline(chance_id, color="0.6", ls="--", lw=1, label=f"identity chance 1/{summary.num_identities}")
-    ax.axhline(chance_exp, color="0.6", ls=":", lw=1, label=f"expression chance 1/{summary.num_expressions}")
+    fig, ax = plt.subplots(figsize=(8, 7), dpi=120)
+    ax.axvline(1 / summary.num_identities, color="0.6", ls="--", lw=1, label=f"identity chance 1/{summary.num_identities}")
+    ax.axhline(1 / summary.num_expressions, color="0.6", ls=":", lw=1, label=f"expression chance 1/{summary.num_expressions}")
     if summary.reference:
         ax.scatter([summary.reference["identity_acc"]], [summary.reference["expression_acc"]], marker="s", s=70, color="k",
-                   label="original images (no anonymisation)")
+                   label="original images (no anonymisation)", zorder=3)
     if len(final):
-        _plot_trials(ax, final)
+        _plot_trials(ax, final, base_label(summary.base))
     ax.set_xlabel("identity accuracy of the judge on anonymised images (privacy leak, lower is better)")
-    ax.set_ylabel("expression accuracy (utility, higher is better)")
+    ax.set_ylabel("expression accuracy of the judge on anonymised images (utility, higher is better)")
     ax.set_xlim(-0.03, 1.03)
     ax.set_ylim(-0.03, 1.03)
     ax.grid(alpha=0.3)
-    ax.set_title(f"privacy vs utility: {len(final)} trials, score = expression - {summary.privacy_weight:g} x leak above chance", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(f"{len(final)} trials (last report each); score = expression - {summary.privacy_weight:g} x (identity - chance)+", fontsize=9)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -195,15 +194,17 @@ def plot_pareto(final: pd.DataFrame, summary: SearchSummary) -> bytes:
     return buf.getvalue()
 
 
-def _plot_trials(ax, final: pd.DataFrame) -> None:
+def _plot_trials(ax, final: pd.DataFrame, base_name: str) -> None:
     early = final["stopped_early"].to_numpy(bool)
     x, y, score = (final[c].to_numpy(float) for c in ("identity_acc", "expression_acc", SCORE))
-    points = ax.scatter(x[~early], y[~early], c=score[~early], cmap="viridis", s=40, label="trial (ran all epochs)", zorder=3)
-    ax.scatter(x[early], y[early], facecolors="none", edgecolors="tab:gray", s=40, label="trial stopped early by ASHA", zorder=3)
-    if (~early).any():
-        ax.figure.colorbar(points, ax=ax, label="score")
+    norm = matplotlib_norm(score)
+    points = ax.scatter(x[~early], y[~early], c=score[~early], cmap="viridis", norm=norm, s=45, edgecolors="k", lw=0.3,
+                        label="trial (all epochs)", zorder=3)
+    ax.scatter(x[early], y[early], c=score[early], cmap="viridis", norm=norm, marker="v", s=45, edgecolors="k", lw=0.3,
+               label="trial stopped early by ASHA", zorder=3)
+    ax.figure.colorbar(points, ax=ax, label="score", shrink=0.8)
     front = final[final["pareto"]].sort_values("identity_acc")
-    # the front as a staircase: anything below-right of it is dominated
+    # the front as a staircase: every point below and to the right of it is dominated
     fx = np.concatenate([[front["identity_acc"].iloc[0]], np.repeat(front["identity_acc"].to_numpy()[1:], 2), [1.03]])
     fy = np.repeat(front["expression_acc"].to_numpy(), 2)
     ax.plot(fx, fy, color="tab:red", lw=1.5, label="Pareto front", zorder=2)
@@ -211,11 +212,30 @@ def _plot_trials(ax, final: pd.DataFrame) -> None:
         ax.annotate(str(row["trial_id"])[-5:], (row["identity_acc"], row["expression_acc"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
     base = final[final["is_base"]]
     if len(base):
-        ax.scatter(base["identity_acc"], base["expression_acc"], marker="*", s=260, color="tab:orange", edgecolors="k",
-                   label="base config's weights (paper defaults)", zorder=4)
+        ax.scatter(base["identity_acc"], base["expression_acc"], marker="*", s=280, color="tab:orange", edgecolors="k", label=base_name, zorder=4)
     best = best_row(final)
-    ax.scatter([best["identity_acc"]], [best["expression_acc"]], marker="o", s=160, facecolors="none", edgecolors="tab:red", lw=2,
-               label="best by score", zorder=4)
+    ax.scatter([best["identity_acc"]], [best["expression_acc"]], marker="o", s=170, facecolors="none", edgecolors="tab:red", lw=2,
+               label="best by score", zorder=5)
+
+
+def matplotlib_norm(values: np.ndarray):
+    from matplotlib.colors import Normalize
+
+    low, high = float(np.min(values)), float(np.max(values))
+    return Normalize(low - 0.05, high + 0.05) if high - low < 1e-9 else Normalize(low, high)
+
+
+def base_label(base: dict[str, Any]) -> str:
+    """Name the base config's weights: the paper's, when its generator weights are a paper preset's."""
+    from pprl.config import Config, load_config
+
+    weights = ("g_kl", "g_adv", "g_id", "g_exp", "g_recon", "g_latent")
+    loss = Config.from_dict(base).loss
+    for preset, dataset in (("paper-ferg", "FERG"), ("paper-mug", "MUG")):
+        paper = load_config(preset).loss
+        if all(getattr(loss, w) == getattr(paper, w) for w in weights):
+            return f"the paper's {dataset} weights (base config)"
+    return "the base config's weights"
 
 
 # --------------------------------------------------------------------------------------------------------- markdown

@@ -210,6 +210,7 @@ def make_tuner(job: TuneJob, inputs: TrialInputs, experiment: str, fs, resuming:
                 random_state=job.seed,
             ),
             num_samples=job.num_samples,
+            reuse_actors=True,  # the next trial starts in the finished one's process: no new worker, no second import of torch
             trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(

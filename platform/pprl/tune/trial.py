@@ -98,5 +98,6 @@ def report(trainer: Trainer, metrics: dict[str, Any], rows: torch.Tensor) -> Non
     with tempfile.TemporaryDirectory(prefix="pprl-trial-") as tmp:
         torch.save(trainer.state_dict(), Path(tmp, CHECKPOINT_FILE))
         grid = render_grid(trainer.encoder, trainer.decoder, rows.to(trainer.device), trainer.config.model.num_identities)
-        Path(tmp, SAMPLES_FILE).write_bytes(encode_png(grid))
+        scale = max(1, 64 // trainer.config.model.image_size)  # small models are upscaled so the grid is viewable
+        Path(tmp, SAMPLES_FILE).write_bytes(encode_png(grid.repeat(scale, axis=0).repeat(scale, axis=1)))
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
