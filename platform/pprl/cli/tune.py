@@ -73,6 +73,9 @@ def tune(
     if not out.finished:
         typer.echo(f"search {job.name} is unfinished: run the same command again to continue it", err=True)
         raise typer.Exit(code=1)
+    if not out.best_trial:
+        typer.echo(f"search {job.name}: no trial reported a result; see error.txt in its trial folders", err=True)
+        raise typer.Exit(code=1)
 
 
 def register(app: typer.Typer) -> None:

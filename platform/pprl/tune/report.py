@@ -33,7 +33,7 @@ FILES = ("trials.parquet", "pareto.png", "best.yaml", "tune_report.md")
 
 @dataclass
 class SearchSummary:
-    """What the driver needs to know to write the results (from ``search.json``)."""
+    """What the report needs to know about the search (built by the driver from its job)."""
 
     run_uri: str
     base: dict[str, Any]  # base Config.to_dict()
@@ -281,7 +281,9 @@ def render_report(table: pd.DataFrame, final: pd.DataFrame, best, summary: Searc
 
 def _best_section(best, summary: SearchSummary, analysis) -> list[str]:
     trial = next(t for t in analysis.trials if t.trial_id == best["trial_id"])
-    checkpoint = trial.checkpoint.path if trial.checkpoint is not None else "none"
+    checkpoint = "none"
+    if trial.checkpoint is not None:
+        checkpoint = ("s3://" if storage.is_s3(summary.run_uri) else "") + trial.checkpoint.path
     params = ", ".join(f"`{p}={_fmt(best[p])}`" for p in summary.params)
     lines = [
         f"Trial `{best['trial_id']}`: score {best[SCORE]:.3f}, identity_acc {best['identity_acc']:.3f}, "

@@ -61,10 +61,6 @@ class TuneJob:
     def run_uri(self) -> str:
         return storage.join(self.storage, self.name)
 
-    @property
-    def epochs(self) -> int:
-        return Config.from_dict(self.config).train.epochs
-
     def settings(self) -> dict[str, Any]:
         """The job as plain data, for search.json and the report."""
         return asdict(self)
@@ -116,21 +112,20 @@ def run_search(job: TuneJob, address: str | None = None) -> Outcome:
     import ray
 
     check_job(job)
+    fs, root = storage.arrow_filesystem(job.storage)
+    experiment = posixpath.join(root, job.name)
+    resuming = _can_restore(experiment, fs)
+    meta = read_meta(job.run_uri)
+    if resuming and meta:
+        job = resumed_job(meta["job"], job)
+    cfg = check_job(job)
+    data = _prepare(job, cfg)  # before Ray starts: a bad dataset fails fast
     started_ray = init_ray(address)
     try:
-        fs, root = storage.arrow_filesystem(job.storage)
-        experiment = posixpath.join(root, job.name)
-        resuming = _can_restore(experiment, fs)
-        meta = read_meta(job.run_uri)
-        if resuming and meta:
-            job = resumed_job(meta["job"], job)
-        cfg = check_job(job)
-        data = _prepare(job, cfg)
         shared, trained = obtain_judges(job, data)
-        meta = write_meta(job, meta, shared, trained, resuming)
+        write_meta(job, meta, shared, trained, resuming)
         inputs = TrialInputs(job.config, ray.put(shared), ray.put(data.train), ray.put(data.val), job.privacy_weight, job.cpus_per_trial)
-        tuner = make_tuner(job, inputs, experiment, fs, resuming)
-        tuner.fit()
+        make_tuner(job, inputs, experiment, fs, resuming).fit()
         return write_results(_analysis(experiment, fs), summary(job, cfg, data, shared))
     finally:
         if started_ray:
@@ -257,7 +252,7 @@ def resumed_job(saved: dict[str, Any], requested: TuneJob) -> TuneJob:
     return job
 
 
-def write_meta(job: TuneJob, meta: dict[str, Any] | None, shared, trained: bool, resuming: bool) -> dict[str, Any]:
+def write_meta(job: TuneJob, meta: dict[str, Any] | None, shared, trained: bool, resuming: bool) -> None:
     """``search.json``: the job, the judges' token and how many times this search trained judges (once, normally)."""
     meta = dict(meta or {})
     meta.update({
@@ -269,7 +264,6 @@ def write_meta(job: TuneJob, meta: dict[str, Any] | None, shared, trained: bool,
         "resumed": int(meta.get("resumed", 0)) + int(resuming),
     })
     storage.write_text(storage.join(job.run_uri, SEARCH_FILE), json.dumps(meta, indent=2))
-    return meta
 
 
 def summary(job: TuneJob, cfg: Config, data: TuneData, shared) -> SearchSummary:
