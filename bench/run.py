@@ -48,6 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local, loopback-only clusters started by the benchmarks
     ctx = Context(quick=args.quick, workdir=Path(args.workdir), seconds=args.seconds, data_uri=args.data, model_uri=args.model)
     ctx.workdir.mkdir(parents=True, exist_ok=True)

@@ -142,8 +142,8 @@ def serve_both(ctx: Context, loads: list[Load]) -> tuple[list[dict], list[dict],
     dataset = load_dataset(ctx.dataset())
     png = storage.read_bytes(dataset.uri(dataset.split("test")["path"].iloc[0]))  # a 64 px face; the server resizes it
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "image/png"}
-    on = {"model_uri": ctx.model(), "model_num_cpus": 1, "ingress_num_cpus": 0.25}
-    defaults = ServeSettings(model_uri=on["model_uri"])
+    shipped = ServeSettings(model_uri=ctx.model())
+    on = {"model_uri": shipped.model_uri, "model_num_cpus": 1, "ingress_num_cpus": 0.25, "max_batch_size": shipped.max_batch_size}
     off = {**on, "max_batch_size": 1}
     port = free_port()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
@@ -155,9 +155,9 @@ def serve_both(ctx: Context, loads: list[Load]) -> tuple[list[dict], list[dict],
     finally:
         serve.shutdown()
         ray.shutdown()
-    shipped = {"max_batch_size": defaults.max_batch_size, "batch_wait_timeout_s": defaults.batch_wait_timeout_s,
-               "max_ongoing_requests": defaults.max_ongoing_requests, "request_png_bytes": len(png)}
-    return batched, single, shipped
+    settings = {"max_batch_size": shipped.max_batch_size, "batch_wait_timeout_s": shipped.batch_wait_timeout_s,
+                "max_ongoing_requests": shipped.max_ongoing_requests, "request_png_bytes": len(png)}
+    return batched, single, settings
 
 
 def run(ctx: Context) -> list[Figure]:

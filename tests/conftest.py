@@ -141,3 +141,36 @@ def judges(synth_data, trained_model):
     from pprl.serve.batch import bundle_info
 
     return train_judges(synth_data, int(bundle_info(trained_model)["image_size"]), epochs=6, train_limit=2100)
+
+
+def train_quick_model(data: str, out: str) -> str:
+    """Train the cpu-quick preset on ``data`` in this process and export its bundle to ``out``; returns ``out``."""
+    import torch
+
+    from pprl.config import load_config
+    from pprl.data.dataset import load_dataset
+    from pprl.train.batches import InMemoryBatches
+    from pprl.train.export import export_bundle
+    from pprl.train.trainer import Trainer
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    cfg = load_config("cpu-quick")
+    images, identity, expression = load_dataset(data).arrays("train", size=cfg.model.image_size)
+    batches = InMemoryBatches(images, identity, expression, cfg.train.batch_size, seed=cfg.train.seed)
+    trainer = Trainer(cfg, batches, device="cpu", run_dir=str(Path(out).parent / "run"))
+    trainer.fit()
+    trainer.close()
+    export_bundle(trainer, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_model(synth_data, tmp_path_factory) -> str:
+    """A cpu-quick bundle trained once per session on the synthetic default.
+
+    Set ``PPRL_TEST_MODEL_CACHE=DIR`` to reuse (or create once) a bundle across sessions while developing; CI trains it.
+    """
+    cache = os.environ.get("PPRL_TEST_MODEL_CACHE")
+    if cache and (Path(cache) / "bundle.json").exists():
+        return cache
+    return train_quick_model(synth_data, cache or str(tmp_path_factory.mktemp("model") / "bundle"))

@@ -17,7 +17,7 @@ app = typer.Typer(
 )
 
 # Each module defines register(app); the order here is the order of `pprl --help`.
-COMMAND_MODULES = ("data", "demo", "train", "tune", "evaluate", "footage", "serve")
+COMMAND_MODULES = ("data", "demo", "train_local", "train", "tune", "evaluate", "footage", "serve")
 
 
 def _register_all() -> None:

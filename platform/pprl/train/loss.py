@@ -87,9 +87,16 @@ def generator_loss(
     if latent_logits is not None:
         parts["g_latent"] = confusion_loss(latent_logits)
     if cycle_mean is not None:
-        parts["g_cycle"] = F.mse_loss(cycle_mean.float(), mean.detach().float())
+        parts["g_cycle"] = latent_cycle_loss(cycle_mean, mean)
     total = sum(weights[name] * value for name, value in parts.items())
     return LossParts(total, parts)
+
+
+def latent_cycle_loss(cycle_mean: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Squared distance of the fakes' latent means to the sources', relative to the spread of the sources' means,
+    so that shrinking every code does not lower it."""
+    target = mean.detach().float()
+    return F.mse_loss(cycle_mean.float(), target) / target.var(dim=0).mean().clamp_min(1e-6)
 
 
 def accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -256,22 +256,21 @@ class Trainer:
             with frozen(*self._judges()):
                 heads = self.disc_frozen(fake)
                 latent_logits = self.latent_adv(mean) if self.latent_adv is not None else None
-                cycle_mean = self._encode_frozen(fake) if lc.g_cycle > 0 else None
+            cycle_mean = self._encode_fakes(fake) if lc.g_cycle > 0 else None
             g = L.generator_loss(heads, c, y_exp, mean, logvar, self._g_weights, recon, latent_logits, cycle_mean)
         self._update(self.g_opt, self.g_sched, g.total)
         self._record(g.parts, {"g_id_acc": L.accuracy(heads[1].detach(), c), "g_exp_acc": L.accuracy(heads[2].detach(), y_exp)})
 
     def _judges(self) -> list[nn.Module]:
-        """Networks that only judge the generator step: D, the latent classifier and (for g_cycle) the encoder."""
-        nets = [self.disc]
-        if self.latent_adv is not None:
-            nets.append(self.latent_adv)
-        if self.config.loss.g_cycle > 0:
-            nets.append(self.encoder)
-        return nets
+        """Networks that only judge the generator step: D and the latent classifier (their optimisers step elsewhere)."""
+        return [self.disc] + ([self.latent_adv] if self.latent_adv is not None else [])
 
-    def _encode_frozen(self, fake: torch.Tensor) -> torch.Tensor:
-        """Latent mean of the fakes from the plain encoder in inference mode: g_cycle trains the decoder, not the encoder."""
+    def _encode_fakes(self, fake: torch.Tensor) -> torch.Tensor:
+        """Latent mean of the fakes, through the plain encoder in inference mode.
+
+        Gradients reach the decoder (keep what the latent holds) and the encoder (give a face the same code whatever
+        identity it is rendered as). The plain module keeps this second encoder pass out of DDP's bookkeeping,
+        and inference mode keeps the batch statistics of fakes out of BatchNorm."""
         self.encoder.eval()
         try:
             return self.encoder(fake)[0]

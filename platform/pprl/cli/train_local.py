@@ -1,0 +1,37 @@
+"""``pprl train-local``: train PPRL-VGAN in this process (CPU or one GPU, no Ray), for debugging and small runs."""
+
+from __future__ import annotations
+
+import typer
+
+from pprl.config import list_presets, load_config
+
+
+def train_local_cmd(
+    data: str = typer.Option(..., "--data", help="Dataset folder (path or s3://) with manifest.parquet."),
+    out: str = typer.Option(..., "--out", help="Run folder: checkpoint, metrics, samples/ and the bundle in model/."),
+    preset: str = typer.Option("cpu-quick", "--preset", help=f"Named configuration: {', '.join(list_presets())}."),
+    config: str = typer.Option(None, "--config", help="YAML file applied on top of the preset."),
+    epochs: int = typer.Option(None, "--epochs", help="Shortcut for --set train.epochs=N."),
+    overrides: list[str] = typer.Option(None, "--set", help="Override any field: section.field=value (repeatable)."),
+    device: str = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda when available)."),
+    threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0 = torch's default)."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT/checkpoint.pt when it exists."),
+) -> None:
+    """Train a preset on a dataset; writes grids to OUT/samples/ and the bundle to OUT/model/."""
+    from pprl.train.local import set_threads, train_local
+
+    items = list(overrides or [])
+    if epochs is not None:
+        items.append(f"train.epochs={epochs}")
+    try:
+        cfg = load_config(preset, config, items)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    set_threads(threads)
+    bundle = train_local(cfg, data, out, device=device, resume=resume)
+    typer.echo(f"model bundle: {bundle}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train-local")(train_local_cmd)
