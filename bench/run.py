@@ -32,6 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="short measurements and small inputs (the CPU run, < 15 min on 2 cores)")
     p.add_argument("--only", nargs="+", metavar="NAME", help=f"run only these benchmarks: {', '.join(BENCHMARKS)}")
     p.add_argument("--seconds", type=float, default=None, help="time per measurement (default: each benchmark's own for quick/full)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved repeats per setting in data_loading (default 2; full: 4)")
     p.add_argument("--data", default=None, help="dataset folder to read (default: a synthetic one generated into --workdir)")
     p.add_argument("--model", default=None, help="cpu-quick model bundle to serve/anonymise with (default: trained briefly, cached)")
     p.add_argument("--workdir", default=str(REPO / "bench" / ".cache"), help="cache for generated inputs")
@@ -42,6 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
     if args.seconds is not None and args.seconds <= 0:
         p.error(f"--seconds must be > 0, got {args.seconds}")
+    if args.rounds is not None and args.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {args.rounds}")
     return args
 
 
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local, loopback-only clusters started by the benchmarks
-    ctx = Context(quick=args.quick, workdir=Path(args.workdir), seconds=args.seconds, data_uri=args.data, model_uri=args.model)
+    ctx = Context(quick=args.quick, workdir=Path(args.workdir), seconds=args.seconds, rounds=args.rounds, data_uri=args.data, model_uri=args.model)
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     info = machine() | {"loadavg_at_start": [round(v, 2) for v in os.getloadavg()]}
     figures: list[Figure] = []

@@ -144,24 +144,17 @@ def judges(synth_data, trained_model):
 
 
 def train_quick_model(data: str, out: str) -> str:
-    """Train the cpu-quick preset on ``data`` in this process and export its bundle to ``out``; returns ``out``."""
+    """Train the cpu-quick preset on ``data`` in this process and export its bundle to ``out``; returns ``out``.
+
+    The run folder (sample grids, metrics.csv, checkpoint) is ``out``'s sibling ``run/``.
+    """
     import torch
 
     from pprl.config import load_config
-    from pprl.data.dataset import load_dataset
-    from pprl.train.batches import InMemoryBatches
-    from pprl.train.export import export_bundle
-    from pprl.train.trainer import Trainer
+    from pprl.train.local import train_local
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    cfg = load_config("cpu-quick")
-    images, identity, expression = load_dataset(data).arrays("train", size=cfg.model.image_size)
-    batches = InMemoryBatches(images, identity, expression, cfg.train.batch_size, seed=cfg.train.seed)
-    trainer = Trainer(cfg, batches, device="cpu", run_dir=str(Path(out).parent / "run"))
-    trainer.fit()
-    trainer.close()
-    export_bundle(trainer, out)
-    return out
+    return train_local(load_config("cpu-quick"), data, str(Path(out).parent / "run"), device="cpu", resume=False, bundle=out)
 
 
 @pytest.fixture(scope="session")

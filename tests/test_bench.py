@@ -97,7 +97,7 @@ def test_load_generator_is_bounded_by_count_and_refuses_other_hosts():
 
 def test_quick_data_loading_run_writes_the_table(small_data, tmp_path):
     out = tmp_path / "results"
-    doc = bench_run.main(["--quick", "--only", "data_loading", "--data", small_data, "--seconds", "0.3",
+    doc = bench_run.main(["--quick", "--only", "data_loading", "--data", small_data, "--seconds", "0.3", "--rounds", "1",
                           "--workdir", str(tmp_path / "work"), "--out", str(out)])
     assert doc["errors"] == {}
     torch_fig, dali_fig = doc["figures"]

@@ -66,6 +66,7 @@ def check_run(run: str, epochs: int) -> None:
     assert storage.exists(storage.join(ckpt, "rng-0.pt")) and storage.exists(storage.join(ckpt, "rng-1.pt"))
     for name in ("model.pt", "config.yaml", "bundle.json"):
         assert storage.exists(storage.join(run, "model", name)), name
+    assert json.loads(storage.read_text(storage.join(run, "model", "bundle.json")))["step"] == epochs * STEPS
     assert storage.exists(storage.join(run, "samples", f"epoch_{epochs:04d}.png"))
     assert storage.list_files(storage.join(run, "tensorboard"))
 

@@ -223,22 +223,36 @@ def test_output_video_keeps_frames_rate_duration_and_audio(judged_run):
         assert packets and packets[0] and audio_packets(str(root / "out" / rel)) == packets
 
 
+def reencoded(src: str, dst: str, options: EncodeOptions) -> list[np.ndarray]:
+    """The input passed through the writer untouched: what re-encoding alone does to the pixels."""
+    with VideoReader(src) as reader, VideoWriter(dst, reader, options) as writer:
+        for frame in reader.frames(passthrough=writer.copy_packet):
+            writer.write(frame, frame.image)
+    return frames_of(dst)
+
+
 @pytest.mark.slow
-def test_every_labelled_face_is_replaced_and_nothing_else_changes(judged_run):
-    root, margin = judged_run["root"], judged_run["options"].margin
+def test_every_labelled_face_is_replaced_and_nothing_else_changes(judged_run, tmp_path):
+    root, options = judged_run["root"], judged_run["options"]
     for rel, truth in judged_run["truth"].items():
         before, after = frames_of(str(root / "in" / rel)), frames_of(str(root / "out" / rel))
+        plain = reencoded(str(root / "in" / rel), str(tmp_path / rel.replace("/", "_")), options.encode)
         touched = np.zeros((len(before), *before[0].shape[:2]), bool)
         inside = []
         for row in truth.itertuples():
             x0, y0, x1, y1 = (round(v) for v in row.box)
             diff = np.abs(after[row.frame_index].astype(int) - before[row.frame_index].astype(int))
             inside.append(diff[y0:y1, x0:x1].mean())
-            rx0, ry0, rx1, ry1 = crop_region(row.box, margin).box
-            touched[row.frame_index, max(ry0 - 3, 0) : ry1 + 3, max(rx0 - 3, 0) : rx1 + 3] = True
+            rx0, ry0, rx1, ry1 = crop_region(row.box, options.margin).box
+            touched[row.frame_index, max(ry0 - 8, 0) : ry1 + 8, max(rx0 - 8, 0) : rx1 + 8] = True  # + codec block spill
         assert min(inside) > 12, f"{rel}: a labelled face was left (nearly) unchanged: min mean diff {min(inside):.1f}"
-        diff = np.abs(np.stack(after).astype(int) - np.stack(before).astype(int)).max(-1)
-        assert diff[~touched].mean() < 1.5 and np.percentile(diff[~touched], 99.9) < 16, "pixels outside the pasted crops changed"
+        # Outside the pasted crops the output may differ from the input only as much as re-encoding alone makes it.
+        diff_out = np.abs(np.stack(after).astype(int) - np.stack(before)).max(-1)[~touched]
+        diff_codec = np.abs(np.stack(plain).astype(int) - np.stack(before)).max(-1)[~touched]
+        print(f"{rel}: outside the crops mean |diff| {diff_out.mean():.2f} (re-encode alone {diff_codec.mean():.2f}), "
+              f"99.9th pct {np.percentile(diff_out, 99.9):.0f} ({np.percentile(diff_codec, 99.9):.0f}); inside the boxes min {min(inside):.1f}")
+        assert diff_out.mean() <= diff_codec.mean() * 1.1 + 0.1
+        assert np.percentile(diff_out, 99.9) <= np.percentile(diff_codec, 99.9) + 3
 
 
 @pytest.mark.slow
@@ -305,8 +319,10 @@ def test_astronaut_clip_default_detector_via_cli(tmp_path, trained_model):
     from pprl.cli import main
 
     truth = testclips.astronaut_clip(str(tmp_path / "astronaut.mp4"))
-    main(["anonymize-footage", "--input", str(tmp_path / "astronaut.mp4"), "--output", str(tmp_path / "out"),
-          "--model", trained_model, "--num-workers", "0", "--no-progress", "--seed", "1"])
+    with pytest.raises(SystemExit) as done:
+        main(["anonymize-footage", "--input", str(tmp_path / "astronaut.mp4"), "--output", str(tmp_path / "out"),
+              "--model", trained_model, "--num-workers", "0", "--no-progress", "--seed", "1"])
+    assert done.value.code == 0
     faces = pd.read_parquet(tmp_path / "out" / "astronaut.mp4.faces.parquet")
     found = 0
     for row in truth.itertuples():
@@ -378,3 +394,23 @@ def test_a_model_that_cannot_load_stops_the_run_instead_of_failing_every_video(t
     with pytest.raises(SetupError, match="cannot load the model"):
         anonymize_footage(str(tmp_path / "in"), str(tmp_path / "out"), FootageOptions(model=str(tmp_path / "bundle")), num_workers=0, progress=False)
     assert not (tmp_path / "out" / "index.parquet").exists()
+
+
+@pytest.mark.slow
+def test_footage_is_a_batch_endpoint_job_kind(tmp_path, trained_model):
+    from pprl.serve.batch import JobRequest, Progress
+    from pprl.serve.jobs import resolve_runner
+
+    testclips.synthetic_clip(str(tmp_path / "in" / "x" / "clip.mp4"), SMALL, sidecar=str(tmp_path / "boxes" / "x" / "clip.parquet"))
+    testclips.corrupt_clip(str(tmp_path / "in" / "bad.mp4"))
+    runner = resolve_runner("footage")
+    request = JobRequest(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model_uri=trained_model, identity="pseudonym:case-17",
+                         pseudonym_secret=b"server-secret", options={"detector": f"sidecar:{tmp_path / 'boxes'}", "num_workers": 0})
+    progress = runner(request, Progress())
+    assert progress.to_dict() == {"total": 2, "skipped": 0, "done": 1, "failed": 1, "parts": 1}
+    faces = pd.read_parquet(progress.parts[0])
+    assert faces.groupby("track_id").target_identity.nunique().max() == 1 and len(faces) > 0
+    again = runner(request, Progress())
+    assert again.to_dict() == {"total": 2, "skipped": 2, "done": 0, "failed": 0, "parts": 0}
+    with pytest.raises(ValueError, match="unknown option"):
+        runner(JobRequest(input=request.input, output=request.output, model_uri=trained_model, options={"speed": "max"}), Progress())

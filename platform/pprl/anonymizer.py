@@ -67,7 +67,7 @@ class Anonymizer:
             return self._resize(images.to(self.device, torch.float32))
         if isinstance(images, (list, tuple)):
             if not images:
-                raise ValueError("no images given")
+                raise ValueError("no images given (an empty list)")
             return torch.cat([self.to_tensor(np.asarray(im)) for im in images])
         array = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
         if array.dtype != np.uint8:
@@ -76,6 +76,8 @@ class Anonymizer:
             array = array[None]
         if array.ndim != 4 or array.shape[-1] != 3 or array.shape[1] < 2 or array.shape[2] < 2:
             raise ValueError(f"images must be RGB shaped (H, W, 3) or (N, H, W, 3), got {array.shape}")
+        if len(array) == 0:
+            raise ValueError("no images given (an array of 0 images)")
         tensor = torch.from_numpy(np.ascontiguousarray(array)).to(self.device).permute(0, 3, 1, 2).float()
         return self._resize(tensor.sub_(127.5).div_(127.5))
 
@@ -146,8 +148,8 @@ class Anonymizer:
     def complete(self, images: ImageInput, mask: np.ndarray, identities: int | Sequence[int] | None = None) -> np.ndarray:
         """Fill the masked pixels (True = missing) from the decoder: occlude, encode, decode, paste the fill back.
 
-        The occluded pixels are set to 0 in [-1, 1] (mid-grey) as in the authors' script. ``identities`` defaults to 0;
-        pass each face's own identity for a plausible completion.
+        The occluded pixels are set to 0 in [-1, 1] (mid-grey) as in the authors' script. ``identities`` defaults to
+        the identity D's head sees in each occluded face (the authors hard-coded one code; the face's own fits best).
         """
         x = self.to_tensor(images)
         m = torch.as_tensor(np.asarray(mask, dtype=bool), device=self.device)
@@ -157,5 +159,6 @@ class Anonymizer:
             raise ValueError(f"mask must be ({self.image_size}, {self.image_size}) or (N, {self.image_size}, {self.image_size}), got {tuple(m.shape)}")
         m = m[:, None].float()
         occluded = x * (1 - m)
-        decoded = self.decoder(self.encoder(occluded)[0], self.targets_for(len(x), 0 if identities is None else identities))
-        return self.to_uint8(x * (1 - m) + decoded * m)
+        codes = self.discriminator(occluded)[1].argmax(1) if identities is None else self.targets_for(len(x), identities)
+        decoded = self.decoder(self.encoder(occluded)[0], codes)
+        return self.to_uint8(occluded + decoded * m)

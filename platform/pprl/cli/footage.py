@@ -22,6 +22,7 @@ def anonymize_footage_command(
     num_workers: int = typer.Option(2, "--num-workers", help="Videos in parallel as Ray tasks (0: in this process, no Ray)."),
     use_gpu: bool = typer.Option(False, "--use-gpu", help="Run the model (and CenterFace, with onnxruntime-gpu) on a GPU per worker."),
     gpus_per_worker: float = typer.Option(1.0, "--gpus-per-worker", help="GPU share per video task with --use-gpu (e.g. 0.5)."),
+    cpus_per_worker: float = typer.Option(1.0, "--cpus-per-worker", help="CPUs per video task (decode, CenterFace, encode use them)."),
     batch_frames: int = typer.Option(32, "--batch-frames", help="Frames detected and anonymised together (bounds memory)."),
     margin: float = typer.Option(0.14, "--margin", help="Crop margin around a face box, as a fraction of its side."),
     feather: float = typer.Option(0.15, "--feather", help="Paste fade-out width, as a fraction of the crop side."),
@@ -49,6 +50,7 @@ def anonymize_footage_command(
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     summary = anonymize_footage(input, output, options, num_workers=num_workers, gpus_per_worker=gpus_per_worker,
+                                cpus_per_worker=cpus_per_worker,
                                 retry_errors=retry_errors, progress=progress)
     index = summary.index
     done = int((index["status"] == "done").sum()) if len(index) else 0

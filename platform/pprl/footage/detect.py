@@ -92,6 +92,8 @@ def _centerface_session(use_gpu: bool):
         log.warning("--use-gpu: onnxruntime has no CUDA provider here (install onnxruntime-gpu); CenterFace runs on CPU")
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # Ray sets OMP_NUM_THREADS to a task's CPU share: keep to it rather than one thread per core of the node.
+    options.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
     session = ort.InferenceSession(model.SerializeToString(), options, providers=[*providers, "CPUExecutionProvider"])
     log.info("CenterFace on %s", session.get_providers()[0])
     return session

@@ -458,6 +458,7 @@ def anonymize_footage(
     options: FootageOptions,
     num_workers: int = 2,
     gpus_per_worker: float = 1.0,
+    cpus_per_worker: float = 1.0,
     retry_errors: bool = False,
     progress: bool = True,
     on_row: Callable[[dict[str, Any]], None] | None = None,
@@ -490,7 +491,8 @@ def anonymize_footage(
     if num_workers <= 0:
         results = _run_local(todo, options, cancelled)
     else:
-        results = _run_ray(todo, options, num_workers, gpus_per_worker, cancelled)
+        resources = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker if options.use_gpu else 0}
+        results = _run_ray(todo, options, num_workers, resources, cancelled)
     errors = 0
     with _progress_bar(len(todo), progress) as bar:
         frames, started = 0, time.time()
@@ -531,16 +533,18 @@ def _run_local(todo: list[VideoTask], options: FootageOptions, cancelled: Callab
 
 
 def _run_ray(
-    todo: list[VideoTask], options: FootageOptions, num_workers: int, gpus_per_worker: float, cancelled: Callable[[], bool]
+    todo: list[VideoTask], options: FootageOptions, num_workers: int, resources: dict[str, float], cancelled: Callable[[], bool]
 ) -> Iterator[dict[str, Any]]:
     """At most ``num_workers`` videos in flight as Ray tasks; results come back in completion order."""
     import ray
 
-    started_here = _init_ray()
+    started = _init_ray()
     try:
-        task_options: dict[str, Any] = {"num_cpus": 1, "num_gpus": gpus_per_worker if options.use_gpu else 0, "max_retries": 2}
-        if storage.s3_env():
-            task_options["runtime_env"] = {"env_vars": storage.s3_env()}
+        task_options: dict[str, Any] = {**resources, "max_retries": 2}
+        if started != "local":  # a joined cluster: S3 settings and, under `ray job submit --working-dir .`, this pprl
+            from pprl.train.distributed import worker_runtime_env
+
+            task_options["runtime_env"] = worker_runtime_env()
         remote = ray.remote(process_video_safe).options(**task_options)
         options_ref = ray.put(options)
         queue = iter(todo)
@@ -560,19 +564,23 @@ def _run_ray(
             for nxt in islice(queue, 0 if cancelled() else 1):
                 pending[remote.remote(nxt, options_ref)] = nxt
     finally:
-        if started_here:
+        if started:
             ray.shutdown()
 
 
-def _init_ray() -> bool:
-    """Join ``RAY_ADDRESS`` when set (a cluster, or ``ray job submit``), else start a local Ray; True if started here."""
+def _init_ray() -> str | None:
+    """Join ``RAY_ADDRESS`` when set (a cluster, or ``ray job submit``), else start a local Ray.
+    Returns "joined" or "local" when this call connected (and so disconnects at the end), None when Ray was up."""
     import ray
 
     if ray.is_initialized():
-        return False
+        return None
     address = os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False if address is None else None)
-    return True
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return "joined"
+    ray.init(logging_level=logging.WARNING, include_dashboard=False)
+    return "local"
 
 
 # --- the batch-endpoint job kind -------------------------------------------------------------------------------

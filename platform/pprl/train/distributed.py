@@ -130,6 +130,7 @@ def worker_runtime_env() -> dict[str, Any]:
 def check_inputs(job: TrainJob, cfg: Config) -> None:
     """Fail in the driver, with the field to fix, before any worker starts."""
     from pprl.data.dataset import load_dataset
+    from pprl.train.local import check_dataset
 
     if job.num_workers < 0:
         raise ValueError(f"--num-workers must be >= 0, got {job.num_workers}")
@@ -138,11 +139,7 @@ def check_inputs(job: TrainJob, cfg: Config) -> None:
     if parse_fail_at(job.fail_at) and job.num_workers == 0:
         raise ValueError(f"{FAIL_ENV} needs Ray workers (--num-workers >= 1) to restart")
     dataset = load_dataset(job.data)
-    if dataset.num_identities != cfg.model.num_identities:
-        raise ValueError(
-            f"{job.data} has {dataset.num_identities} identities but model.num_identities={cfg.model.num_identities}: "
-            f"pass --set model.num_identities={dataset.num_identities}"
-        )
+    check_dataset(cfg, dataset)
     per_worker = len(dataset.split("train")) // max(job.num_workers, 1)
     if per_worker < cfg.train.batch_size:
         raise ValueError(
@@ -163,8 +160,13 @@ def parse_fail_at(spec: str | None) -> tuple[int, int] | None:
 # ----------------------------------------------------------------------------------------------------------- worker
 def train_loop(job_dict: dict[str, Any]) -> None:
     """Per-worker entry point (``train_loop_per_worker``)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    WorkerRun(TrainJob(**job_dict)).run()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pprl").setLevel(logging.INFO)  # our per-epoch lines reach the job log, Ray's INFO chatter does not
+    run = WorkerRun(TrainJob(**job_dict))
+    try:
+        run.run()
+    finally:
+        run.close()
 
 
 class WorkerRun:
@@ -235,6 +237,11 @@ class WorkerRun:
                 self.recent.append(state)
         if self.rank == 0:
             self.export()
+
+    def close(self) -> None:
+        self.trainer.close()
+        if self._tensorboard is not None:
+            self._tensorboard[0].close()
 
     def roll_back(self) -> None:
         """Back to the state before the collapsed streak (the same on every rank), with a new seed."""
@@ -358,14 +365,11 @@ def wrap_model(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def sample_inputs(dataset, config: Config) -> torch.Tensor:
-    """Fixed test faces for the per-epoch grid: one per expression in turn, identities cycling."""
+    """The fixed test faces of the per-epoch grid (the same rows ``pprl train-local`` shows)."""
     from pprl.train.batches import to_model_range
+    from pprl.train.local import sample_rows
 
-    test = dataset.split("test")
-    if test.empty:
-        test = dataset.split("train")
-    rows = test.groupby("expression", sort=True).head(1).head(config.train.sample_rows)
-    return to_model_range(dataset.load_images(rows, config.model.image_size))
+    return to_model_range(dataset.load_images(sample_rows(dataset, config.train.sample_rows), config.model.image_size))
 
 
 def plain_metrics(metrics: dict[str, Any], gave_up: bool) -> dict[str, Any]:

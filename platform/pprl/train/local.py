@@ -52,8 +52,8 @@ def sample_rows(ds: Dataset, rows: int) -> pd.DataFrame:
     return test.iloc[picked]
 
 
-def train_local(config: Config, data: str, out: str, device: str | None = None, resume: bool = True) -> str:
-    """Train ``config`` on the dataset at ``data`` until ``train.epochs``; returns the bundle URI (``OUT/model``)."""
+def train_local(config: Config, data: str, out: str, device: str | None = None, resume: bool = True, bundle: str | None = None) -> str:
+    """Train ``config`` on the dataset at ``data`` until ``train.epochs``; returns the bundle URI (``bundle``, default ``OUT/model``)."""
     ds = load_dataset(data)
     check_dataset(config, ds)
     size = config.model.image_size
@@ -70,7 +70,7 @@ def train_local(config: Config, data: str, out: str, device: str | None = None, 
         trainer.fit(on_epoch=lambda _: save_checkpoint(trainer.state_dict(), checkpoint))
     finally:
         trainer.close()
-    bundle = storage.join(out, "model")
+    bundle = bundle or storage.join(out, "model")
     info = export_bundle(trainer, bundle)
     log.info("bundle %s written to %s", info["version"], bundle)
     return bundle

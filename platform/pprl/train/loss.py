@@ -72,6 +72,7 @@ def generator_loss(
     recon: tuple[torch.Tensor, torch.Tensor] | None = None,
     latent_logits: torch.Tensor | None = None,
     cycle_mean: torch.Tensor | None = None,
+    mmd: torch.Tensor | None = None,
 ) -> LossParts:
     """The generator objective plus the optional deviations: ``recon`` is (reconstruction, input),
     ``latent_logits`` the latent identity classifier's output on ``mean``, ``cycle_mean`` the encoder's mean of the fakes."""
@@ -88,6 +89,8 @@ def generator_loss(
         parts["g_latent"] = confusion_loss(latent_logits)
     if cycle_mean is not None:
         parts["g_cycle"] = latent_cycle_loss(cycle_mean, mean)
+    if mmd is not None:
+        parts["g_mmd"] = mmd
     total = sum(weights[name] * value for name, value in parts.items())
     return LossParts(total, parts)
 
@@ -97,6 +100,24 @@ def latent_cycle_loss(cycle_mean: torch.Tensor, mean: torch.Tensor) -> torch.Ten
     so that shrinking every code does not lower it."""
     target = mean.detach().float()
     return F.mse_loss(cycle_mean.float(), target) / target.var(dim=0).mean().clamp_min(1e-6)
+
+
+def identity_mmd(mean: torch.Tensor, identity: torch.Tensor, num_identities: int) -> torch.Tensor:
+    """How far each identity's latent means are, in distribution, from the whole batch's: the mean over identities
+    of MMD² (Gaussian kernels at 1/4, 1 and 4 times the median squared distance), as in the Variational Fair
+    Autoencoder. Zero when the codes of every identity are distributed alike, so no classifier can tell them apart.
+    """
+    z = mean.float()
+    d2 = torch.cdist(z, z).square()
+    scale = d2.detach()[d2.detach() > 0].median().clamp_min(1e-6)
+    kernel = sum(torch.exp(-d2 / (scale * f)) for f in (0.25, 1.0, 4.0))
+    onehot = F.one_hot(identity, num_identities).float()
+    counts = onehot.sum(0)
+    groups = onehot[:, counts > 0] / counts[counts > 0]  # (n, k) columns average over one identity
+    everyone = torch.full((len(z), 1), 1.0 / len(z), device=z.device)
+    kg = kernel @ groups
+    mmd = (groups * kg).sum(0) - 2 * (everyone.T @ kg).squeeze(0) + (everyone.T @ kernel @ everyone).squeeze()
+    return mmd.mean()
 
 
 def accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

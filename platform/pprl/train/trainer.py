@@ -103,7 +103,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.collapse = CollapseDetector(config.train.collapse_patience, config.model.num_identities)
         lc = config.loss
-        self._g_weights = {"g_kl": lc.g_kl, "g_adv": lc.g_adv, "g_id": lc.g_id, "g_exp": lc.g_exp, "g_recon": lc.g_recon, "g_latent": lc.g_latent, "g_cycle": lc.g_cycle}
+        self._g_weights = {"g_kl": lc.g_kl, "g_adv": lc.g_adv, "g_id": lc.g_id, "g_exp": lc.g_exp, "g_recon": lc.g_recon, "g_latent": lc.g_latent, "g_cycle": lc.g_cycle, "g_mmd": lc.g_mmd}
         self._build(wrap_model or (lambda m: m))
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
@@ -257,7 +257,8 @@ class Trainer:
                 heads = self.disc_frozen(fake)
                 latent_logits = self.latent_adv(mean) if self.latent_adv is not None else None
             cycle_mean = self._encode_fakes(fake) if lc.g_cycle > 0 else None
-            g = L.generator_loss(heads, c, y_exp, mean, logvar, self._g_weights, recon, latent_logits, cycle_mean)
+            mmd = L.identity_mmd(mean, y_id, self.config.model.num_identities) if lc.g_mmd > 0 else None
+            g = L.generator_loss(heads, c, y_exp, mean, logvar, self._g_weights, recon, latent_logits, cycle_mean, mmd)
         self._update(self.g_opt, self.g_sched, g.total)
         self._record(g.parts, {"g_id_acc": L.accuracy(heads[1].detach(), c), "g_exp_acc": L.accuracy(heads[2].detach(), y_exp)})
 
