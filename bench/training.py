@@ -2,9 +2,10 @@
 
 * Throughput: the platform's ``Trainer`` fed from memory (``InMemoryBatches``: the input pipeline is benchmarked on
   its own in data_loading), timed over whole iterations (D real + D fake + ``g_steps_per_d`` G steps), images counted
-  as the trainer counts them: ``(1 + g_steps_per_d) * batch`` per iteration. Run at 1 torch thread and at one
-  thread per core: on a shared machine the OpenMP threads of a multi-threaded run wait on each other when another
-  process holds a core, so both are shown.
+  as the trainer counts them: ``(1 + g_steps_per_d) * batch`` per iteration. Three settings, each in a fresh
+  process: 1 torch thread; one thread per core (torch's default); one per core with ``OMP_WAIT_POLICY=PASSIVE``.
+  On a shared machine the OpenMP threads of the default setting spin at every barrier while another process holds
+  a core, which can make it several times slower than one thread; the passive wait policy removes that.
 * MFU: achieved FLOP/s / this machine's measured peak. FLOPs per image are counted once with
   ``torch.utils.flop_counter.FlopCounterMode`` over one full training iteration (``bench/gpu_check.flops_per_image``,
   the same count the GPU check uses). A CPU has no datasheet peak we can trust here, so the denominator is the best
@@ -21,6 +22,8 @@ import contextlib
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -75,16 +78,32 @@ def iterate(trainer, seconds: float, min_steps: int = 2) -> dict[str, float]:
     return {"images_per_s": steps * per_step / elapsed, "steps": steps, "seconds": elapsed}
 
 
-def single_process(cfg, arrays, threads: int, seconds: float) -> dict[str, float]:
+def single_process(job: dict[str, Any]) -> dict[str, Any]:
+    """One variant, in a fresh process (OpenMP reads its environment once): matmul peak and Trainer images/s."""
+    from pprl.config import Config
+    from pprl.data.dataset import load_dataset
     from pprl.train.batches import InMemoryBatches
     from pprl.train.trainer import Trainer
 
-    with torch_threads(threads):
+    cfg = Config.from_dict(job["config"])
+    arrays = load_dataset(job["data"]).arrays("train", cfg.model.image_size)
+    peak = matmul_peak(job["threads"], min(job["seconds"], 3.0))
+    with torch_threads(job["threads"]):
         trainer = Trainer(cfg, InMemoryBatches(*arrays, cfg.train.batch_size), device="cpu", steps_per_epoch=1)
         trainer.train_step()  # first-call allocations and kernel selection
-        result = iterate(trainer, seconds)
-    log.info("trainer, %d thread(s): %.1f images/s over %d iterations", threads, result["images_per_s"], result["steps"])
-    return {**result, "threads": threads}
+        result = iterate(trainer, job["seconds"])
+    return {**result, "threads": job["threads"], "matmul_peak_flops": peak}
+
+
+def run_variant(ctx: Context, cfg, threads: int, env: dict[str, str], seconds: float) -> dict[str, Any]:
+    job = {"config": cfg.to_dict(), "data": ctx.dataset(), "threads": threads, "seconds": seconds}
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **env})
+    if proc.returncode != 0:
+        raise RuntimeError(f"training variant {threads} thread(s) {env} failed: {proc.stderr[-2000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    log.info("trainer, %d thread(s) %s: %.1f images/s over %d iterations", threads, env or "", result["images_per_s"], result["steps"])
+    return result
 
 
 # --------------------------------------------------------------------------------------------------- DDP
@@ -157,29 +176,37 @@ def ddp_scaling(ctx: Context, cfg) -> tuple[dict[str, Any], dict[str, Any]]:
 # --------------------------------------------------------------------------------------------------- report
 
 
+def variant_figures(name: str, speed: dict[str, Any], flops: float, cfg, **baseline) -> list[Figure]:
+    achieved = speed["images_per_s"] * flops
+    peak = speed["matmul_peak_flops"]
+    return [
+        Figure("training", f"cpu-quick Trainer, {name}", speed["images_per_s"], "images/s",
+               note=f"batch {cfg.train.batch_size}, {cfg.model.image_size}px, {speed['steps']} iterations, input from memory",
+               details=speed, **baseline),
+        Figure("training", f"cpu-quick MFU, {name}", 100 * achieved / peak, "%",
+               note=f"{achieved / 1e9:.2f} GFLOP/s of a {peak / 1e9:.1f} GFLOP/s fp32 matmul peak measured at the same setting; "
+                    f"{flops / 1e9:.3f} GFLOP per image (FlopCounterMode)",
+               details={"flops_per_image": flops, "matmul_peak_flops": peak, "achieved_flops": achieved}),
+    ]
+
+
 def run(ctx: Context) -> list[Figure]:
     from pprl.config import load_config
-    from pprl.data.dataset import load_dataset
 
     cfg = load_config(PRESET, overrides=["train.d_warmup_steps=0"])  # steady-state iterations: D real + D fake + G steps
     seconds = ctx.duration(10.0, 30.0)
-    arrays = load_dataset(ctx.dataset()).arrays("train", cfg.model.image_size)
     flops = count_flops(cfg)
     cores = os.cpu_count() or 1
-    figures = []
-    for threads in sorted({1, cores}):
-        peak = matmul_peak(threads, min(seconds, 3.0))
-        speed = single_process(cfg, arrays, threads, seconds)
-        achieved = speed["images_per_s"] * flops
-        figures += [
-            Figure("training", f"cpu-quick Trainer, {threads} thread(s)", speed["images_per_s"], "images/s",
-                   note=f"batch {cfg.train.batch_size}, {cfg.model.image_size}px, {speed['steps']} iterations, input from memory",
-                   details=speed),
-            Figure("training", f"cpu-quick MFU, {threads} thread(s)", 100 * achieved / peak, "%",
-                   note=f"{achieved / 1e9:.2f} GFLOP/s of a {peak / 1e9:.1f} GFLOP/s measured fp32 matmul peak; "
-                        f"{flops / 1e9:.3f} GFLOP per image (FlopCounterMode)",
-                   details={"flops_per_image": flops, "matmul_peak_flops": peak, "achieved_flops": achieved}),
-        ]
+    one_thread = run_variant(ctx, cfg, 1, {}, seconds)
+    default = run_variant(ctx, cfg, cores, {}, seconds)
+    passive = run_variant(ctx, cfg, cores, {"OMP_WAIT_POLICY": "PASSIVE"}, seconds)
+    default_name = f"{cores} threads (torch default)"
+    figures = [
+        *variant_figures("1 thread", one_thread, flops, cfg),
+        *variant_figures(default_name, default, flops, cfg),
+        *variant_figures(f"{cores} threads, OMP_WAIT_POLICY=PASSIVE", passive, flops, cfg, baseline=default_name,
+                         baseline_value=default["images_per_s"]),
+    ]
     one, two = ddp_scaling(ctx, cfg)
     figures += [
         Figure("training", "DDP 1 worker (Ray Train, gloo)", one["images_per_s"], "images/s",
@@ -190,3 +217,9 @@ def run(ctx: Context) -> list[Figure]:
                note="throughput(2) / (2 x throughput(1))"),
     ]
     return figures
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["--worker"] or len(sys.argv) != 3:
+        raise SystemExit("usage (internal): training.py --worker JOB_JSON")
+    print(json.dumps(single_process(json.loads(sys.argv[2]))))
