@@ -10,7 +10,7 @@ from typing import Any
 from pprl import storage
 from pprl.data.dataset import MANIFEST, Dataset, encode_png
 from pprl.evaluate import applications as apps
-from pprl.evaluate.report import build_report, table, write_report
+from pprl.evaluate.report import build_report, write_report
 from pprl.evaluate.scenarios import EvalOptions, Evaluation, evaluate, stratified_subsample
 
 log = logging.getLogger(__name__)
@@ -74,5 +74,5 @@ def run_evaluation(
     app_summary, images = applications(model, dataset) if options.applications else ({}, {})
     report = build_report(evaluation, model_info(model, model_uri), data_info(dataset, options), app_summary)
     files = write_report(out, report, evaluation, images)
-    log.info("evaluation report written to %s\n%s", out, table(report))
+    log.info("evaluation report written to %s", out)
     return report, evaluation, files
