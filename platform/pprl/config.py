@@ -69,6 +69,7 @@ class LossConfig:
     g_latent: float = 0.0  # deviation: the encoder's latent mean must fool an identity classifier (0 = paper)
     g_cycle: float = 0.0  # deviation: encoding a fake must give back the source's latent mean (0 = paper)
     g_mmd: float = 0.0  # deviation: latent means of every identity must be distributed alike (MMD; 0 = paper)
+    g_feat: float = 0.0  # deviation: D's features of the self-reconstruction must match the input's (0 = paper)
     real_label: tuple[float, float] = (0.9, 1.0)  # noisy label smoothing ranges
     fake_label: tuple[float, float] = (0.0, 0.1)
 
@@ -77,7 +78,7 @@ class LossConfig:
         self.d_fake = tuple(self.d_fake)
         self.real_label = tuple(self.real_label)
         self.fake_label = tuple(self.fake_label)
-        for name in ("g_kl", "g_adv", "g_id", "g_exp", "g_recon", "g_latent", "g_cycle", "g_mmd"):
+        for name in ("g_kl", "g_adv", "g_id", "g_exp", "g_recon", "g_latent", "g_cycle", "g_mmd", "g_feat"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
 

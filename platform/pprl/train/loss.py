@@ -62,6 +62,17 @@ def confusion_loss(logits: torch.Tensor) -> torch.Tensor:
     return -F.log_softmax(logits.float(), dim=1).mean()
 
 
+@dataclass
+class GeneratorExtras:
+    """Inputs of the switchable deviations (docs/model.md); each is None when its weight is 0."""
+
+    recon: tuple[torch.Tensor, torch.Tensor] | None = None  # (reconstruction with the source code, input)
+    latent_logits: torch.Tensor | None = None  # the latent identity classifier on the latent means
+    cycle_mean: torch.Tensor | None = None  # the encoder's latent means of the fakes
+    mmd: torch.Tensor | None = None  # identity_mmd of the latent means
+    features: tuple[torch.Tensor, torch.Tensor] | None = None  # D's features of (reconstruction, input)
+
+
 def generator_loss(
     heads: Heads,
     target: torch.Tensor,
@@ -69,13 +80,10 @@ def generator_loss(
     mean: torch.Tensor,
     logvar: torch.Tensor,
     weights: dict[str, float],
-    recon: tuple[torch.Tensor, torch.Tensor] | None = None,
-    latent_logits: torch.Tensor | None = None,
-    cycle_mean: torch.Tensor | None = None,
-    mmd: torch.Tensor | None = None,
+    extras: GeneratorExtras | None = None,
 ) -> LossParts:
-    """The generator objective plus the optional deviations: ``recon`` is (reconstruction, input),
-    ``latent_logits`` the latent identity classifier's output on ``mean``, ``cycle_mean`` the encoder's mean of the fakes."""
+    """The authors' generator objective (KL, adversarial, identity of the target, expression of the source) plus
+    the deviations present in ``extras``."""
     rf, id_logits, exp_logits = (h.float() for h in heads)
     parts = {
         "g_kl": kl_divergence(mean.float(), logvar.float()),
@@ -83,14 +91,17 @@ def generator_loss(
         "g_id": F.cross_entropy(id_logits, target),
         "g_exp": F.cross_entropy(exp_logits, expression),
     }
-    if recon is not None:
-        parts["g_recon"] = F.l1_loss(recon[0].float(), recon[1].float())
-    if latent_logits is not None:
-        parts["g_latent"] = confusion_loss(latent_logits)
-    if cycle_mean is not None:
-        parts["g_cycle"] = latent_cycle_loss(cycle_mean, mean)
-    if mmd is not None:
-        parts["g_mmd"] = mmd
+    ex = extras or GeneratorExtras()
+    if ex.recon is not None:
+        parts["g_recon"] = F.l1_loss(ex.recon[0].float(), ex.recon[1].float())
+    if ex.latent_logits is not None:
+        parts["g_latent"] = confusion_loss(ex.latent_logits)
+    if ex.cycle_mean is not None:
+        parts["g_cycle"] = latent_cycle_loss(ex.cycle_mean, mean)
+    if ex.mmd is not None:
+        parts["g_mmd"] = ex.mmd
+    if ex.features is not None:
+        parts["g_feat"] = F.l1_loss(ex.features[0].float(), ex.features[1].float())
     total = sum(weights[name] * value for name, value in parts.items())
     return LossParts(total, parts)
 
@@ -103,21 +114,28 @@ def latent_cycle_loss(cycle_mean: torch.Tensor, mean: torch.Tensor) -> torch.Ten
 
 
 def identity_mmd(mean: torch.Tensor, identity: torch.Tensor, num_identities: int) -> torch.Tensor:
-    """How far each identity's latent means are, in distribution, from the whole batch's: the mean over identities
-    of MMD² (Gaussian kernels at 1/4, 1 and 4 times the median squared distance), as in the Variational Fair
-    Autoencoder. Zero when the codes of every identity are distributed alike, so no classifier can tell them apart.
+    """How far each identity's latent means are, in distribution, from the other identities': the mean over
+    identities of the unbiased MMD² between "this identity" and "the rest" (Gaussian kernels at 1/4, 1 and 4 times
+    the median squared distance), as in the Variational Fair Autoencoder. Zero in expectation when every identity's
+    codes are distributed alike, so no classifier can tell them apart; the unbiased form does not reward collapse.
     """
     z = mean.float()
+    n = len(z)
     d2 = torch.cdist(z, z).square()
-    scale = d2.detach()[d2.detach() > 0].median().clamp_min(1e-6)
+    scale = d2.detach()[d2.detach() > 0].median().clamp_min(1e-6) if n > 1 else d2.new_tensor(1.0)
     kernel = sum(torch.exp(-d2 / (scale * f)) for f in (0.25, 1.0, 4.0))
-    onehot = F.one_hot(identity, num_identities).float()
-    counts = onehot.sum(0)
-    groups = onehot[:, counts > 0] / counts[counts > 0]  # (n, k) columns average over one identity
-    everyone = torch.full((len(z), 1), 1.0 / len(z), device=z.device)
-    kg = kernel @ groups
-    mmd = (groups * kg).sum(0) - 2 * (everyone.T @ kg).squeeze(0) + (everyone.T @ kernel @ everyone).squeeze()
-    return mmd.mean()
+    off = kernel * (1 - torch.eye(n, device=z.device))
+    group = F.one_hot(identity, num_identities).float()
+    n_in = group.sum(0)
+    keep = (n_in >= 2) & (n - n_in >= 2)
+    if not keep.any():
+        return z.sum() * 0
+    group, n_in = group[:, keep], n_in[keep]
+    rest, n_out = 1 - group, n - n_in
+    within = (group * (off @ group)).sum(0) / (n_in * (n_in - 1))
+    others = (rest * (off @ rest)).sum(0) / (n_out * (n_out - 1))
+    across = (group * (kernel @ rest)).sum(0) / (n_in * n_out)
+    return (within + others - 2 * across).mean()
 
 
 def accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

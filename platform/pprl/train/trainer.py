@@ -103,7 +103,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.collapse = CollapseDetector(config.train.collapse_patience, config.model.num_identities)
         lc = config.loss
-        self._g_weights = {"g_kl": lc.g_kl, "g_adv": lc.g_adv, "g_id": lc.g_id, "g_exp": lc.g_exp, "g_recon": lc.g_recon, "g_latent": lc.g_latent, "g_cycle": lc.g_cycle, "g_mmd": lc.g_mmd}
+        self._g_weights = {"g_kl": lc.g_kl, "g_adv": lc.g_adv, "g_id": lc.g_id, "g_exp": lc.g_exp, "g_recon": lc.g_recon, "g_latent": lc.g_latent, "g_cycle": lc.g_cycle, "g_mmd": lc.g_mmd, "g_feat": lc.g_feat}
         self._build(wrap_model or (lambda m: m))
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
@@ -243,22 +243,30 @@ class Trainer:
     def g_step(self, batch: Batch) -> None:
         x, y_id, y_exp = batch
         lc = self.config.loss
-        c = self._targets(len(x))
+        n = len(x)
+        c = self._targets(n)
         with self._autocast():
             mean, logvar = self.enc_fwd(x)
             z = reparameterize(mean, logvar)
-            recon = None
-            if lc.g_recon > 0:  # one decoder pass for both codes: DDP allows one forward per backward
-                fake, rec = self.dec_fwd(torch.cat([z, z]), torch.cat([c, y_id])).split(len(x))
-                recon = (rec, x)
+            rebuild = lc.g_recon > 0 or lc.g_feat > 0
+            if rebuild:  # one decoder pass for both codes: DDP allows one forward per backward
+                fake, rec = self.dec_fwd(torch.cat([z, z]), torch.cat([c, y_id])).split(n)
             else:
-                fake = self.dec_fwd(z, c)
+                fake, rec = self.dec_fwd(z, c), None
             with frozen(*self._judges()):
-                heads = self.disc_frozen(fake)
+                if lc.g_feat > 0:  # D's features of the reconstruction must match the input's
+                    *heads, feats = self.disc_frozen(torch.cat([fake, rec, x]), with_features=True)
+                    heads = tuple(h[:n] for h in heads)
+                    features = (feats[n : 2 * n], feats[2 * n :].detach())
+                else:
+                    heads, features = self.disc_frozen(fake), None
                 latent_logits = self.latent_adv(mean) if self.latent_adv is not None else None
             cycle_mean = self._encode_fakes(fake) if lc.g_cycle > 0 else None
             mmd = L.identity_mmd(mean, y_id, self.config.model.num_identities) if lc.g_mmd > 0 else None
-            g = L.generator_loss(heads, c, y_exp, mean, logvar, self._g_weights, recon, latent_logits, cycle_mean, mmd)
+            extras = L.GeneratorExtras(
+                recon=(rec, x) if lc.g_recon > 0 else None, latent_logits=latent_logits, cycle_mean=cycle_mean, mmd=mmd, features=features
+            )
+            g = L.generator_loss(heads, c, y_exp, mean, logvar, self._g_weights, extras)
         self._update(self.g_opt, self.g_sched, g.total)
         self._record(g.parts, {"g_id_acc": L.accuracy(heads[1].detach(), c), "g_exp_acc": L.accuracy(heads[2].detach(), y_exp)})
 
