@@ -138,6 +138,15 @@ def test_allow_list_resolves_traversal_symlinks_and_lookalike_buckets(tmp_path):
         check_allowed(str(allowed_dir), [], "output")
 
 
+def test_every_registered_job_kind_resolves_to_a_runner():
+    from pprl.serve.jobs import JOB_KINDS, resolve_runner
+
+    assert {"images", "footage"} <= set(JOB_KINDS)
+    assert all(callable(resolve_runner(kind)) for kind in JOB_KINDS)
+    with pytest.raises(Rejected, match="unknown job kind 'nope'; available: footage, images"):
+        resolve_runner("nope")
+
+
 # --- the pipeline without HTTP -----------------------------------------------------------------------------------
 
 
