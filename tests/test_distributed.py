@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -22,7 +23,7 @@ from pprl import storage
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 2  # per epoch
-OVERRIDES = [f"train.steps_per_epoch={STEPS}", "train.batch_size=8", "train.num_workers=0", "train.sample_rows=2", "train.log_every=0"]
+OVERRIDES = [f"train.steps_per_epoch={STEPS}", "train.batch_size=8", "train.d_warmup_steps=0", "train.num_workers=0", "train.sample_rows=2", "train.log_every=0"]
 TINY = ["--preset", "cpu-quick", *(arg for item in OVERRIDES for arg in ("--set", item))]
 
 pytestmark = pytest.mark.slow
@@ -129,7 +130,7 @@ def test_collapse_rolls_back_once_then_gives_up(small_data, tmp_path, caplog):
     job = TrainJob(config=cfg.to_dict(), data=small_data, storage=str(tmp_path), name="collapse", num_workers=0, loader="torch")
     with pytest.raises(RuntimeError, match="after one rollback"):
         launch(job)
-    assert "rolled back to epoch 1 with seed 1" in caplog.text
+    assert re.search(r"rolled back to epoch \d+ with seed 1", caplog.text)  # to the last healthy state, reseeded
     assert not storage.exists(storage.join(job.run_uri, "model", "model.pt"))  # no bundle from a collapsed run
 
 

@@ -67,9 +67,6 @@ class LossConfig:
     g_exp: float = 0.29  # expression head must see the source expression
     g_recon: float = 0.0  # deviation: L1 self-reconstruction with the source identity code (0 = paper)
     g_latent: float = 0.0  # deviation: the encoder's latent mean must fool an identity classifier (0 = paper)
-    g_cycle: float = 0.0  # deviation: encoding a fake must give back the source's latent mean (0 = paper)
-    g_mmd: float = 0.0  # deviation: latent means of every identity must be distributed alike (MMD; 0 = paper)
-    g_feat: float = 0.0  # deviation: D's features of the self-reconstruction must match the input's (0 = paper)
     real_label: tuple[float, float] = (0.9, 1.0)  # noisy label smoothing ranges
     fake_label: tuple[float, float] = (0.0, 0.1)
 
@@ -78,7 +75,7 @@ class LossConfig:
         self.d_fake = tuple(self.d_fake)
         self.real_label = tuple(self.real_label)
         self.fake_label = tuple(self.fake_label)
-        for name in ("g_kl", "g_adv", "g_id", "g_exp", "g_recon", "g_latent", "g_cycle", "g_mmd", "g_feat"):
+        for name in ("g_kl", "g_adv", "g_id", "g_exp", "g_recon", "g_latent"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -101,6 +98,7 @@ class TrainConfig:
     steps_per_epoch: int = 0  # 0 = floor(N_train / batch_size), as the authors did
     g_steps_per_d: int = 2  # generator updates per discriminator iteration, each on a fresh batch
     d_warmup_steps: int = 0  # deviation: first iterations train only D on real images (0 = paper)
+    augment: str = ""  # deviation: DiffAugment policy for every D input, e.g. "translation" or "translation,color" ("" = paper)
     seed: int = 0
     bf16: bool = True  # autocast on GPU only
     channels_last: bool = True  # GPU only

@@ -29,9 +29,17 @@ _register_all()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point; ``argv`` lets the thin ``jobs/*.py`` scripts call a sub-command."""
+    """Console entry point; ``argv`` lets the thin ``jobs/*.py`` scripts (and tests) call a sub-command.
+
+    Click ends every standalone run with ``sys.exit``; a successful one returns here instead, so that a caller can
+    run several sub-commands in one process. Failures still exit with their code and click's formatted message.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app(args=argv if argv is not None else sys.argv[1:], prog_name="pprl")
+    try:
+        app(args=argv if argv is not None else sys.argv[1:], prog_name="pprl")
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):
+            raise
 
 
 def parse_only(argv: list[str]) -> None:

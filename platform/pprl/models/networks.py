@@ -157,12 +157,9 @@ class Discriminator(nn.Module):
         if cfg.faithful:
             glorot_init(self)
 
-    def forward(self, x: torch.Tensor, with_features: bool = False) -> tuple[torch.Tensor, ...]:
-        """(real/fake, identity, expression) logits; ``with_features`` appends the dense layer's activations (before dropout)."""
-        features = self.dense[:-1](torch.flatten(self.blocks(x), 1))
-        h = self.dense[-1](features)
-        heads = (self.real_fake(h).squeeze(1), self.identity(h), self.expression(h))
-        return (*heads, features) if with_features else heads
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = self.dense(torch.flatten(self.blocks(x), 1))
+        return self.real_fake(h).squeeze(1), self.identity(h), self.expression(h)
 
 
 def glorot_init(module: nn.Module) -> None:

@@ -68,9 +68,6 @@ class GeneratorExtras:
 
     recon: tuple[torch.Tensor, torch.Tensor] | None = None  # (reconstruction with the source code, input)
     latent_logits: torch.Tensor | None = None  # the latent identity classifier on the latent means
-    cycle_mean: torch.Tensor | None = None  # the encoder's latent means of the fakes
-    mmd: torch.Tensor | None = None  # identity_mmd of the latent means
-    features: tuple[torch.Tensor, torch.Tensor] | None = None  # D's features of (reconstruction, input)
 
 
 def generator_loss(
@@ -96,46 +93,8 @@ def generator_loss(
         parts["g_recon"] = F.l1_loss(ex.recon[0].float(), ex.recon[1].float())
     if ex.latent_logits is not None:
         parts["g_latent"] = confusion_loss(ex.latent_logits)
-    if ex.cycle_mean is not None:
-        parts["g_cycle"] = latent_cycle_loss(ex.cycle_mean, mean)
-    if ex.mmd is not None:
-        parts["g_mmd"] = ex.mmd
-    if ex.features is not None:
-        parts["g_feat"] = F.l1_loss(ex.features[0].float(), ex.features[1].float())
     total = sum(weights[name] * value for name, value in parts.items())
     return LossParts(total, parts)
-
-
-def latent_cycle_loss(cycle_mean: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """Squared distance of the fakes' latent means to the sources', relative to the spread of the sources' means,
-    so that shrinking every code does not lower it."""
-    target = mean.detach().float()
-    return F.mse_loss(cycle_mean.float(), target) / target.var(dim=0).mean().clamp_min(1e-6)
-
-
-def identity_mmd(mean: torch.Tensor, identity: torch.Tensor, num_identities: int) -> torch.Tensor:
-    """How far each identity's latent means are, in distribution, from the other identities': the mean over
-    identities of the unbiased MMD² between "this identity" and "the rest" (Gaussian kernels at 1/4, 1 and 4 times
-    the median squared distance), as in the Variational Fair Autoencoder. Zero in expectation when every identity's
-    codes are distributed alike, so no classifier can tell them apart; the unbiased form does not reward collapse.
-    """
-    z = mean.float()
-    n = len(z)
-    d2 = torch.cdist(z, z).square()
-    scale = d2.detach()[d2.detach() > 0].median().clamp_min(1e-6) if n > 1 else d2.new_tensor(1.0)
-    kernel = sum(torch.exp(-d2 / (scale * f)) for f in (0.25, 1.0, 4.0))
-    off = kernel * (1 - torch.eye(n, device=z.device))
-    group = F.one_hot(identity, num_identities).float()
-    n_in = group.sum(0)
-    keep = (n_in >= 2) & (n - n_in >= 2)
-    if not keep.any():
-        return z.sum() * 0
-    group, n_in = group[:, keep], n_in[keep]
-    rest, n_out = 1 - group, n - n_in
-    within = (group * (off @ group)).sum(0) / (n_in * (n_in - 1))
-    others = (rest * (off @ rest)).sum(0) / (n_out * (n_out - 1))
-    across = (group * (kernel @ rest)).sum(0) / (n_in * n_out)
-    return (within + others - 2 * across).mean()
 
 
 def accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

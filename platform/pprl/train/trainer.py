@@ -30,6 +30,7 @@ from pprl import storage
 from pprl.config import Config
 from pprl.models.networks import LatentClassifier, build_networks, reparameterize
 from pprl.train import loss as L
+from pprl.train.augment import check_policy, diff_augment
 from pprl.train.batches import Batch
 from pprl.train.collapse import CollapseDetector
 from pprl.train.samples import render_grid, save_grid
@@ -97,16 +98,18 @@ class Trainer:
         self.batches: Iterator[Batch] = iter(batches)
         self._source = batches
         self.steps_per_epoch = self._resolve_steps(steps_per_epoch)
+        check_policy(config.train.augment)
         self.sample_images = sample_images.to(self.device) if sample_images is not None else None
         self.step = 0
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
         self.collapse = CollapseDetector(config.train.collapse_patience, config.model.num_identities)
         lc = config.loss
-        self._g_weights = {"g_kl": lc.g_kl, "g_adv": lc.g_adv, "g_id": lc.g_id, "g_exp": lc.g_exp, "g_recon": lc.g_recon, "g_latent": lc.g_latent, "g_cycle": lc.g_cycle, "g_mmd": lc.g_mmd, "g_feat": lc.g_feat}
+        self._g_weights = {"g_kl": lc.g_kl, "g_adv": lc.g_adv, "g_id": lc.g_id, "g_exp": lc.g_exp, "g_recon": lc.g_recon, "g_latent": lc.g_latent}
         self._build(wrap_model or (lambda m: m))
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
+        self._images_seen = 0
         self._tb = None
 
     # ----------------------------------------------------------------------------------------------- setup
@@ -159,6 +162,7 @@ class Trainer:
 
     def _next(self) -> Batch:
         x, y_id, y_exp = next(self.batches)
+        self._images_seen += len(x)
         fmt = torch.channels_last if self.gpu and self.config.train.channels_last else torch.contiguous_format
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
         return x, y_id.to(self.device, non_blocking=True), y_exp.to(self.device, non_blocking=True)
@@ -203,7 +207,7 @@ class Trainer:
         lc = self.config.loss
         fake_t = L.noisy_labels(len(x), lc.fake_label, self.generator, self.device)
         with self._autocast():
-            heads = self.disc_fwd(fake)
+            heads = self.disc_fwd(self._augment(fake))
             loss = L.discriminator_loss(heads, fake_t, c, y_exp, lc.d_fake, "d_fake")
         self._update(self.d_opt, self.d_sched, loss.total)
         self._record(loss.parts, {"d_fake_acc": (heads[0].detach() < 0).float().mean()})
@@ -215,7 +219,7 @@ class Trainer:
         self.disc_fwd.train()
         real_t = L.noisy_labels(len(x), lc.real_label, self.generator, self.device)
         with self._autocast():
-            heads = self.disc_fwd(x)
+            heads = self.disc_fwd(self._augment(x))
             loss = L.discriminator_loss(heads, real_t, y_id, y_exp, lc.d_real, "d_real")
         self._update(self.d_opt, self.d_sched, loss.total)
         self._record(loss.parts, {
@@ -248,24 +252,14 @@ class Trainer:
         with self._autocast():
             mean, logvar = self.enc_fwd(x)
             z = reparameterize(mean, logvar)
-            rebuild = lc.g_recon > 0 or lc.g_feat > 0
-            if rebuild:  # one decoder pass for both codes: DDP allows one forward per backward
+            if lc.g_recon > 0:  # one decoder pass for both codes: DDP allows one forward per backward
                 fake, rec = self.dec_fwd(torch.cat([z, z]), torch.cat([c, y_id])).split(n)
             else:
                 fake, rec = self.dec_fwd(z, c), None
             with frozen(*self._judges()):
-                if lc.g_feat > 0:  # D's features of the reconstruction must match the input's
-                    *heads, feats = self.disc_frozen(torch.cat([fake, rec, x]), with_features=True)
-                    heads = tuple(h[:n] for h in heads)
-                    features = (feats[n : 2 * n], feats[2 * n :].detach())
-                else:
-                    heads, features = self.disc_frozen(fake), None
+                heads = self.disc_frozen(self._augment(fake))
                 latent_logits = self.latent_adv(mean) if self.latent_adv is not None else None
-            cycle_mean = self._encode_fakes(fake) if lc.g_cycle > 0 else None
-            mmd = L.identity_mmd(mean, y_id, self.config.model.num_identities) if lc.g_mmd > 0 else None
-            extras = L.GeneratorExtras(
-                recon=(rec, x) if lc.g_recon > 0 else None, latent_logits=latent_logits, cycle_mean=cycle_mean, mmd=mmd, features=features
-            )
+            extras = L.GeneratorExtras(recon=(rec, x) if rec is not None else None, latent_logits=latent_logits)
             g = L.generator_loss(heads, c, y_exp, mean, logvar, self._g_weights, extras)
         self._update(self.g_opt, self.g_sched, g.total)
         self._record(g.parts, {"g_id_acc": L.accuracy(heads[1].detach(), c), "g_exp_acc": L.accuracy(heads[2].detach(), y_exp)})
@@ -274,17 +268,9 @@ class Trainer:
         """Networks that only judge the generator step: D and the latent classifier (their optimisers step elsewhere)."""
         return [self.disc] + ([self.latent_adv] if self.latent_adv is not None else [])
 
-    def _encode_fakes(self, fake: torch.Tensor) -> torch.Tensor:
-        """Latent mean of the fakes, through the plain encoder in inference mode.
-
-        Gradients reach the decoder (keep what the latent holds) and the encoder (give a face the same code whatever
-        identity it is rendered as). The plain module keeps this second encoder pass out of DDP's bookkeeping,
-        and inference mode keeps the batch statistics of fakes out of BatchNorm."""
-        self.encoder.eval()
-        try:
-            return self.encoder(fake)[0]
-        finally:
-            self.encoder.train()
+    def _augment(self, images: torch.Tensor) -> torch.Tensor:
+        policy = self.config.train.augment
+        return diff_augment(images, policy) if policy else images
 
     @staticmethod
     def _update(opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler | None, loss: torch.Tensor) -> None:
@@ -311,6 +297,7 @@ class Trainer:
         """Run ``steps_per_epoch`` iterations; returns (and on rank 0 records) the epoch's mean metrics."""
         tc = self.config.train
         start = time.perf_counter()
+        self._images_seen = 0
         for i in range(self.steps_per_epoch):
             self.train_step()
             if tc.log_every and (i + 1) % tc.log_every == 0 and self.rank == 0:
@@ -320,13 +307,12 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - start
         self.epoch += 1
-        images = self.steps_per_epoch * (1 + tc.g_steps_per_d) * tc.batch_size
         metrics: dict[str, Any] = {
             "epoch": self.epoch,
             "step": self.step,
             **self._drain(),
             "lr": self.g_sched.get_last_lr()[0],
-            "images_per_s": images / elapsed,
+            "images_per_s": self._images_seen / elapsed,
             "epoch_time_s": elapsed,
         }
         if self.metrics_hook:

@@ -62,7 +62,11 @@ class Outcome:
 
 # --------------------------------------------------------------------------------------------------------- tables
 def collect(analysis, summary: SearchSummary) -> pd.DataFrame:
-    """One row per trial per report (an errored trial without reports keeps one row of empty metrics)."""
+    """One row per trial per epoch (an errored trial without reports keeps one row of empty metrics).
+
+    A trial interrupted after reporting an epoch whose checkpoint was not yet saved re-runs that epoch when the
+    search resumes: its new report replaces the interrupted one.
+    """
     rows = []
     for trial in analysis.trials:
         info = {"trial_id": trial.trial_id, "status": trial.status, **{p: trial.config.get(p) for p in summary.params}}
@@ -77,6 +81,8 @@ def collect(analysis, summary: SearchSummary) -> pd.DataFrame:
     for column in METRICS:
         if column not in table:
             table[column] = np.nan
+    reported = table["training_iteration"].notna()
+    table = table[~(reported & table.duplicated(["trial_id", "training_iteration"], keep="last"))]
     last = table.groupby("trial_id")["training_iteration"].transform("max")
     table["stopped_early"] = (table["status"] == "TERMINATED") & (last < summary.max_epochs)
     return table.sort_values(["trial_id", "training_iteration"], kind="stable").reset_index(drop=True)
