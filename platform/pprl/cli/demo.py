@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -22,17 +23,34 @@ from pprl.data.generate import SynthSpec, generate
 REPO = Path(__file__).resolve().parents[3]
 
 
-def _dashboard_up(url: str) -> bool:
+def _dashboard_status(url: str) -> int | None:
+    """HTTP status of the Ray dashboard's version endpoint at ``url``; None when nothing answers there.
+
+    401 means the cluster uses Ray's token authentication (``ray start`` turns it on by default)."""
     try:
-        urllib.request.urlopen(f"{url}/api/version", timeout=2).close()
-        return True
+        with urllib.request.urlopen(f"{url}/api/version", timeout=2) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
     except OSError:
-        return False
+        return None
+
+
+def _use_token_auth() -> None:
+    """Make ``ray job submit`` and ``ray.init`` send the token that ``ray start`` wrote to ~/.ray/auth_token."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 def _ray_bin(name: str) -> str:
     local = Path(sys.executable).parent / name
     return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def _env_with_this_python() -> dict[str, str]:
+    """This environment with this interpreter's bin/ first on PATH: a job's ``python`` entrypoint then runs in the
+    virtualenv pprl is installed in (``make demo`` does not activate .venv)."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
 
 
 def _start_ray_head(dashboard_port: int, num_cpus: int) -> None:
@@ -43,10 +61,11 @@ def _start_ray_head(dashboard_port: int, num_cpus: int) -> None:
             f"--num-cpus={num_cpus}", "--disable-usage-stats",
         ],
         check=True,
+        env=_env_with_this_python(),
     )
     url = f"http://127.0.0.1:{dashboard_port}"
     deadline = time.time() + 90
-    while not _dashboard_up(url):
+    while _dashboard_status(url) is None:
         if time.time() > deadline:
             raise RuntimeError(f"the Ray dashboard did not answer at {url}")
         time.sleep(1)
@@ -71,9 +90,12 @@ def demo(
     address = os.environ.get("RAY_ADDRESS", "")
     dashboard = address if address.startswith("http") else f"http://127.0.0.1:{dashboard_port}"
     started_here = False
-    if not _dashboard_up(dashboard):
+    status = _dashboard_status(dashboard)
+    if status is None:
         _start_ray_head(dashboard_port, num_cpus=max(2, os.cpu_count() or 2))
         dashboard, started_here = f"http://127.0.0.1:{dashboard_port}", True
+    if started_here or status == 401:
+        _use_token_auth()
     try:
         _train(dashboard, data_uri, root, workers, epochs)
         _evaluate(data_uri, root)

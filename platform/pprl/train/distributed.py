@@ -358,10 +358,18 @@ class WorkerRun:
 
 
 def wrap_model(module: torch.nn.Module) -> torch.nn.Module:
-    """DDP via Ray; BatchNorm buffers are synced at wrap time only, not on each forward (see the module docstring)."""
+    """DDP via Ray; BatchNorm buffers are synced at wrap time only, not on each forward (see the module docstring).
+
+    The discriminator's fake step may leave a head out (``loss.d_fake`` weight 0: paper-mug's identity and expression,
+    cpu-quick's expression): DDP is told to expect unused parameters there, so their gradients stay empty as in a
+    single process, instead of DDP waiting for them or a zero gradient moving RMSprop's statistics.
+    """
     import ray.train.torch
 
-    return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"forward_sync_buffers": False})
+    from pprl.models.networks import Discriminator
+
+    kwargs = {"forward_sync_buffers": False, "find_unused_parameters": isinstance(module, Discriminator)}
+    return ray.train.torch.prepare_model(module, parallel_strategy_kwargs=kwargs)
 
 
 def sample_inputs(dataset, config: Config) -> torch.Tensor:
