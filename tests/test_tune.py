@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 # cpu-quick shrunk to about a second per epoch (16 px faces, 10 steps).
 TINY = ["--preset", "cpu-quick", "--set", "model.image_size=16", "--set", "train.steps_per_epoch=10", "--set", "train.batch_size=32",
         "--set", "train.log_every=0", "--set", "train.d_warmup_steps=0",
-        "--set", "loss.g_recon=0", "--set", "optim.lr=3e-4", "--epochs", "2"]
+        "--set", "loss.g_recon=0", "--set", "optim.lr=3e-4", "--set", "train.ema_decay=0", "--epochs", "2"]
 # The search varies a deviation that leaks identity fast: a strong self-reconstruction term (decode with the source's
 # own code) makes the anonymised faces keep their source identity within 10 steps, so those trials score below the
 # base config's (g_recon 0, run first) at the first rung and ASHA stops them. One trial at a time with a seeded
@@ -206,7 +206,7 @@ def test_search_on_s3_is_resumed_by_name_and_its_best_config_trains(ray_head, sm
         assert (rows["epoch"] == rows["training_iteration"]).all(), trial_id
         assert rows[["identity_acc", "expression_acc", "score"]].notna().all().all(), trial_id
     early = trials[trials["stopped_early"]]
-    assert len(early) >= 1, table[["trial_id", "training_iteration", "score", "identity_acc", "expression_acc", "loss.g_recon", "loss.g_id", "optim.lr"]].to_string()
+    assert len(early) >= 1, table[["trial_id", "training_iteration", "score", "identity_acc", "expression_acc", "loss.g_recon"]].to_string()
     assert (table.groupby("trial_id")["training_iteration"].max()[early["trial_id"]] < 2).all()
     base = trials[trials["is_base"]]
     assert len(base) == 1 and base.iloc[0]["trial_id"] == table["trial_id"].min()  # the base config's weights ran first

@@ -99,6 +99,7 @@ class TrainConfig:
     g_steps_per_d: int = 2  # generator updates per discriminator iteration, each on a fresh batch
     d_warmup_steps: int = 0  # deviation: first iterations train only D on real images (0 = paper)
     augment: str = ""  # deviation: DiffAugment policy for every D input, e.g. "translation" or "translation,color" ("" = paper)
+    ema_decay: float = 0.0  # deviation: samples, tune and the bundle use a moving average of E and D's weights (0 = paper)
     seed: int = 0
     bf16: bool = True  # autocast on GPU only
     channels_last: bool = True  # GPU only

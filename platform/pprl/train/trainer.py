@@ -33,6 +33,7 @@ from pprl.train import loss as L
 from pprl.train.augment import check_policy, diff_augment
 from pprl.train.batches import Batch
 from pprl.train.collapse import CollapseDetector
+from pprl.train.ema import WeightAverage
 from pprl.train.samples import render_grid, save_grid
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,7 @@ class Trainer:
 
         self.g_opt, self.g_sched = rmsprop(self.encoder, self.decoder)
         self.d_opt, self.d_sched = rmsprop(self.disc)
+        self.ema = WeightAverage(self._generator_parts(), cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.adv_opt = torch.optim.Adam(self.latent_adv.parameters(), lr=oc.latent_lr) if self.latent_adv is not None else None
         self._buffer_means = torch.zeros(0, cfg.model.latent_dim, device=dev)
         self._buffer_ids = torch.zeros(0, dtype=torch.long, device=dev)
@@ -184,7 +186,18 @@ class Trainer:
             self.d_step(self._next())
             for _ in range(tc.g_steps_per_d):
                 self.g_step(self._next())
+            if self.ema is not None:
+                self.ema.update(self._generator_parts())
         self.step += 1
+
+    def _generator_parts(self) -> dict[str, nn.Module]:
+        return {"encoder": self.encoder, "decoder": self.decoder}
+
+    def rendering_networks(self) -> tuple[nn.Module, nn.Module]:
+        """(encoder, decoder) that samples, the tune objective and the bundle use: the weight average when enabled."""
+        if self.ema is not None and self.ema.started:
+            return self.ema.averaged["encoder"], self.ema.averaged["decoder"]
+        return self.encoder, self.decoder
 
     @torch.no_grad()
     def make_fakes(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -356,7 +369,7 @@ class Trainer:
 
     def sample_grid(self) -> np.ndarray:
         """The grid for the fixed sample inputs (rows) rendered as every identity (columns)."""
-        return render_grid(self.encoder, self.decoder, self.sample_images, self.config.model.num_identities)
+        return render_grid(*self.rendering_networks(), self.sample_images, self.config.model.num_identities)
 
     def _write_metrics_csv(self) -> None:
         keys: list[str] = []
@@ -410,6 +423,8 @@ class Trainer:
                 "adv_opt": self.adv_opt.state_dict(),
                 "latent_buffer": {"means": self._buffer_means, "ids": self._buffer_ids},
             }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
         if hasattr(self._source, "state_dict"):
             state["data"] = self._source.state_dict()
         return state
@@ -432,6 +447,8 @@ class Trainer:
             self.adv_opt.load_state_dict(state["adv_opt"])
             self._buffer_means = state["latent_buffer"]["means"].to(self.device)
             self._buffer_ids = state["latent_buffer"]["ids"].to(self.device)
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["rng"]["torch"])
         self.generator.set_state(state["rng"]["generator"])
         if self.gpu and "cuda" in state["rng"]:
@@ -440,5 +457,6 @@ class Trainer:
             self._source.load_state_dict(state["data"])
 
     def networks(self) -> dict[str, nn.Module]:
-        """The plain (unwrapped) networks that make a bundle."""
-        return {"encoder": self.encoder, "decoder": self.decoder, "discriminator": self.disc}
+        """The plain (unwrapped) networks that make a bundle (the weight-averaged encoder and decoder when enabled)."""
+        encoder, decoder = self.rendering_networks()
+        return {"encoder": encoder, "decoder": decoder, "discriminator": self.disc}

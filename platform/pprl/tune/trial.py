@@ -62,7 +62,7 @@ def run_trial(params: dict[str, Any], inputs: TrialInputs) -> None:
     rows = sample_rows(val, config.train.sample_rows)
     while trainer.epoch < config.train.epochs:
         train_metrics = trainer.train_epoch()
-        metrics = evaluate(trainer.encoder, trainer.decoder, shared.judges, val, config.model.num_identities, inputs.privacy_weight)
+        metrics = evaluate(*trainer.rendering_networks(), shared.judges, val, config.model.num_identities, inputs.privacy_weight)
         metrics |= {f"train_{k}": v for k, v in train_metrics.items() if isinstance(v, float)}
         metrics |= {"epoch": trainer.epoch, "step": trainer.step, "collapsed": bool(train_metrics["collapsed"]), "judges_token": shared.token}
         report(trainer, metrics, rows)
@@ -97,7 +97,7 @@ def report(trainer: Trainer, metrics: dict[str, Any], rows: torch.Tensor) -> Non
 
     with tempfile.TemporaryDirectory(prefix="pprl-trial-") as tmp:
         torch.save(trainer.state_dict(), Path(tmp, CHECKPOINT_FILE))
-        grid = render_grid(trainer.encoder, trainer.decoder, rows.to(trainer.device), trainer.config.model.num_identities)
+        grid = render_grid(*trainer.rendering_networks(), rows.to(trainer.device), trainer.config.model.num_identities)
         scale = max(1, 64 // trainer.config.model.image_size)  # small models are upscaled so the grid is viewable
         Path(tmp, SAMPLES_FILE).write_bytes(encode_png(grid.repeat(scale, axis=0).repeat(scale, axis=1)))
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
