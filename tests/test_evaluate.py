@@ -119,7 +119,6 @@ def test_identity_function_model_is_flagged(synth_data, s3_bucket):
     _check_report_files(out, len(evaluation.predictions))
 
 
-@pytest.mark.xfail(strict=False, reason="issue 5 open: cpu-quick's latent means still carry identity (attack 3 81.5 %) and attack-1 expression is 82.0 % (bars 30 % / 85 %); thresholds stand, XPASS means it now holds")
 @pytest.mark.slow
 def test_trained_model_hides_identity_keeps_expression(trained_model, synth_data, ray_head, tmp_path, monkeypatch, capsys):
     """The done-when numbers on the cpu-quick model, through the CLI, with every classifier a Ray task on a real cluster."""

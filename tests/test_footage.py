@@ -299,7 +299,9 @@ def truth_crops(judged_run, which: str) -> tuple[np.ndarray, np.ndarray, np.ndar
     return np.stack(crops), np.array(idents), np.array(exprs)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 8 open: expression on pasted faces measured 78.0 % (bar 80 %); identity 18.8 % passes; thresholds stand, XPASS means it now holds")
+@pytest.mark.xfail(strict=False, reason="issue 8 open: expression on pasted faces measured 72.5 % (bar 80 %), identity 18.8 % passes; "
+                   "two of six faces lose their expression already when the model reads their H.264-decoded crops; "
+                   "thresholds stand, XPASS means it now holds")
 @pytest.mark.slow
 def test_pasted_faces_hide_identity_and_keep_expression(judged_run, judges):
     x_in, ident, expr = truth_crops(judged_run, "in")
@@ -310,6 +312,8 @@ def test_pasted_faces_hide_identity_and_keep_expression(judged_run, judges):
     print(f"identity judge: originals {id_before:.3f} -> pasted {id_after:.3f} (faces rendered as their own identity: "
           f"{np.mean(targets == ident):.3f}; pasted recognised as their target: {judges.identity_accuracy(x_out, targets):.3f}); "
           f"expression judge: {expr_before:.3f} -> {expr_after:.3f}")
+    faces = pd.DataFrame({"identity": ident, "expression": expr, "kept": judges.predict_expression(x_out) == expr})
+    print("expression kept per face (identity, expression):", faces.groupby(["identity", "expression"]).kept.mean().round(2).to_dict())
     assert id_before >= 0.9, "the identity judge must recognise the originals, or the privacy check means nothing"
     assert id_after <= 1 / 6 + 0.15
     assert expr_after >= 0.80

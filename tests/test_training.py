@@ -26,7 +26,7 @@ TINY = [
     "model.encoder_widths=[8,8,8,8]", "model.decoder_widths=[8,8,8]", "model.decoder_seed_channels=8",
     "model.disc_widths=[8,8,8,8]", "model.disc_dense=16",
     "train.batch_size=8", "train.steps_per_epoch=2", "train.log_every=0", "train.d_warmup_steps=1",
-    "loss.g_recon=1", "loss.g_latent=0.5", "train.augment=translation,color", "train.ema_decay=0.9",
+    "loss.g_recon=1", "loss.g_latent=0.5", "loss.g_latent_exp=0.5", "train.augment=translation,color", "train.ema_decay=0.9",
 ]
 
 
@@ -79,15 +79,17 @@ def test_confusion_loss_is_smallest_when_the_classes_look_alike():
 def test_generator_loss_has_a_part_per_active_term():
     heads = (torch.zeros(4), torch.zeros(4, 6), torch.zeros(4, 7))
     labels = torch.zeros(4, dtype=torch.long)
-    weights = {"g_kl": 0.002, "g_adv": 0.108, "g_id": 0.6, "g_exp": 0.29, "g_recon": 2.0, "g_latent": 1.0}
+    weights = {"g_kl": 0.002, "g_adv": 0.108, "g_id": 0.6, "g_exp": 0.29, "g_recon": 2.0, "g_latent": 1.0,
+               "g_latent_exp": 0.5}
     paper = L.generator_loss(heads, labels, labels, torch.zeros(4, 8), torch.zeros(4, 8), weights)
     assert set(paper.parts) == {"g_kl", "g_adv", "g_id", "g_exp"}
     assert paper.total.item() == pytest.approx(0.108 * math.log(2) + 0.6 * math.log(6) + 0.29 * math.log(7))
     image = torch.zeros(4, 3, 8, 8)
-    extras = L.GeneratorExtras(recon=(image + 0.5, image), latent_logits=torch.zeros(4, 6))
+    extras = L.GeneratorExtras(recon=(image + 0.5, image), latent_logits=torch.zeros(4, 6), latent_exp_logits=torch.zeros(4, 7))
     full = L.generator_loss(heads, labels, labels, torch.zeros(4, 8), torch.zeros(4, 8), weights, extras)
     assert full.parts["g_recon"].item() == pytest.approx(0.5)
-    assert full.total.item() == pytest.approx(paper.total.item() + 2.0 * 0.5 + math.log(6))
+    assert full.parts["g_latent_exp"].item() == pytest.approx(math.log(7))
+    assert full.total.item() == pytest.approx(paper.total.item() + 2.0 * 0.5 + math.log(6) + 0.5 * math.log(7))
 
 
 def test_weight_average_starts_as_a_copy_then_moves_a_fraction_towards_the_live_weights():
@@ -142,9 +144,25 @@ def test_checkpoint_resume_gives_the_same_next_step_losses(tmp_path):
     resumed.load_state_dict(load_checkpoint(str(tmp_path / "ckpt.pt")))
     got = resumed.train_epoch()
     losses = [k for k in expected if k.startswith(("d_", "g_", "latent_"))]
-    assert {"d_real_bce", "d_fake_bce", "g_id", "g_exp", "g_recon", "g_latent", "latent_id_ce"} <= set(losses)
+    assert {"d_real_bce", "d_fake_bce", "g_id", "g_exp", "g_recon", "g_latent", "g_latent_exp", "latent_id_ce"} <= set(losses)
     assert {k: got[k] for k in losses} == {k: expected[k] for k in losses}
     assert (got["epoch"], got["step"]) == (3, 6)
+
+
+def test_latent_expression_head_trains_with_the_encoder():
+    """The head learns, and its loss reaches the encoder: the same seed without it ends the step elsewhere."""
+    def one_iteration(overrides: list[str]) -> Trainer:
+        trainer = tiny_trainer(overrides)  # seeds the global RNG: build and step one trainer at a time
+        trainer.step = trainer.config.train.d_warmup_steps  # straight to the generator steps
+        trainer.train_step()
+        return trainer
+
+    head_before = tiny_trainer().latent_exp.linear.weight.detach().clone()
+    with_head, without = one_iteration([]), one_iteration(["loss.g_latent_exp=0"])
+    assert without.latent_exp is None
+    assert not torch.equal(with_head.latent_exp.linear.weight, head_before)
+    assert not torch.equal(with_head.encoder.mean.weight, without.encoder.mean.weight)
+    assert torch.equal(with_head.disc.identity.weight, without.disc.identity.weight)  # the D step saw the same fakes
 
 
 def test_checkpoint_from_another_model_is_refused(tmp_path):

@@ -67,6 +67,7 @@ class LossConfig:
     g_exp: float = 0.29  # expression head must see the source expression
     g_recon: float = 0.0  # deviation: L1 self-reconstruction with the source identity code (0 = paper)
     g_latent: float = 0.0  # deviation: the encoder's latent mean must fool an identity classifier (0 = paper)
+    g_latent_exp: float = 0.0  # deviation: a linear head on the latent mean must read the source expression (0 = paper)
     real_label: tuple[float, float] = (0.9, 1.0)  # noisy label smoothing ranges
     fake_label: tuple[float, float] = (0.0, 0.1)
 
@@ -75,7 +76,7 @@ class LossConfig:
         self.d_fake = tuple(self.d_fake)
         self.real_label = tuple(self.real_label)
         self.fake_label = tuple(self.fake_label)
-        for name in ("g_kl", "g_adv", "g_id", "g_exp", "g_recon", "g_latent"):
+        for name in ("g_kl", "g_adv", "g_id", "g_exp", "g_recon", "g_latent", "g_latent_exp"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -88,7 +89,7 @@ class OptimConfig:
     alpha: float = 0.9
     eps: float = 1e-8
     decay: float = 1e-6  # lr_t = lr / (1 + decay * t)
-    latent_lr: float = 1e-3  # Adam learning rate of the latent identity classifier (the loss.g_latent deviation)
+    latent_lr: float = 1e-3  # Adam learning rate of the latent heads (the loss.g_latent and loss.g_latent_exp deviations)
 
 
 @dataclass

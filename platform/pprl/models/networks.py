@@ -189,3 +189,17 @@ class LatentClassifier(nn.Module):
 
     def forward(self, mean: torch.Tensor) -> torch.Tensor:
         return self.net(mean)
+
+
+class LatentExpressionHead(nn.Module):
+    """A linear read-out of the expression from the latent mean, trained with the encoder (``loss.g_latent_exp``).
+
+    It keeps the expression linearly present in the latent while ``loss.g_latent`` pushes identity out, so that the
+    adversary removes identity rather than everything it can reach."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.linear = nn.Linear(cfg.latent_dim, cfg.num_expressions)
+
+    def forward(self, mean: torch.Tensor) -> torch.Tensor:
+        return self.linear(mean)

@@ -68,6 +68,7 @@ class GeneratorExtras:
 
     recon: tuple[torch.Tensor, torch.Tensor] | None = None  # (reconstruction with the source code, input)
     latent_logits: torch.Tensor | None = None  # the latent identity classifier on the latent means
+    latent_exp_logits: torch.Tensor | None = None  # the latent expression head on the latent means
 
 
 def generator_loss(
@@ -93,6 +94,8 @@ def generator_loss(
         parts["g_recon"] = F.l1_loss(ex.recon[0].float(), ex.recon[1].float())
     if ex.latent_logits is not None:
         parts["g_latent"] = confusion_loss(ex.latent_logits)
+    if ex.latent_exp_logits is not None:
+        parts["g_latent_exp"] = F.cross_entropy(ex.latent_exp_logits.float(), expression)
     total = sum(weights[name] * value for name, value in parts.items())
     return LossParts(total, parts)
 

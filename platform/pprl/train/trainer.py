@@ -3,8 +3,9 @@
 Per iteration (the authors' schedule, train.py@3b51888):
   1. draw a batch and target codes c; make fakes with the generator in inference mode, without gradients;
   2. one discriminator step on the real batch, then a separate one on the fakes;
-  3. (deviation ``loss.g_latent``) one step of the latent identity classifier on the same latents;
-  4. ``train.g_steps_per_d`` generator steps, each on a fresh batch with fresh target codes.
+  3. (deviation ``loss.g_latent``) steps of the latent identity classifier on recent latent means;
+  4. ``train.g_steps_per_d`` generator steps, each on a fresh batch with fresh target codes (with the deviation
+     ``loss.g_latent_exp``, a linear expression head on the latent mean is trained in the same step).
 
 Distribution is injected, never imported: ``device``, ``rank``/``world_size`` and a ``wrap_model`` hook
 (``ray.train.torch.prepare_model`` under Ray). The frozen discriminator of the generator step is the unwrapped
@@ -28,7 +29,7 @@ from torch import nn
 
 from pprl import storage
 from pprl.config import Config
-from pprl.models.networks import LatentClassifier, build_networks, reparameterize
+from pprl.models.networks import LatentClassifier, LatentExpressionHead, build_networks, reparameterize
 from pprl.train import loss as L
 from pprl.train.augment import check_policy, diff_augment
 from pprl.train.batches import Batch
@@ -106,7 +107,8 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.collapse = CollapseDetector(config.train.collapse_patience, config.model.num_identities)
         lc = config.loss
-        self._g_weights = {"g_kl": lc.g_kl, "g_adv": lc.g_adv, "g_id": lc.g_id, "g_exp": lc.g_exp, "g_recon": lc.g_recon, "g_latent": lc.g_latent}
+        self._g_weights = {"g_kl": lc.g_kl, "g_adv": lc.g_adv, "g_id": lc.g_id, "g_exp": lc.g_exp, "g_recon": lc.g_recon, "g_latent": lc.g_latent,
+                           "g_latent_exp": lc.g_latent_exp}
         self._build(wrap_model or (lambda m: m))
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
@@ -131,6 +133,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.encoder, self.decoder, self.disc = (m.to(dev) for m in build_networks(cfg.model))
         self.latent_adv = LatentClassifier(cfg.model).to(dev) if cfg.loss.g_latent > 0 else None
+        self.latent_exp = LatentExpressionHead(cfg.model).to(dev) if cfg.loss.g_latent_exp > 0 else None
         self.gpu = dev.type == "cuda"
         if self.gpu and cfg.train.channels_last:
             for m in (self.encoder, self.decoder, self.disc):
@@ -141,6 +144,7 @@ class Trainer:
         self.disc_fwd = compile_(wrap(self.disc))
         self.disc_frozen = compile_(self.disc) if cfg.train.compile else self.disc
         self.adv_fwd = wrap(self.latent_adv) if self.latent_adv is not None else None
+        self.latent_exp_fwd = wrap(self.latent_exp) if self.latent_exp is not None else None
         oc = cfg.optim
 
         def rmsprop(*modules: nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -152,6 +156,7 @@ class Trainer:
         self.d_opt, self.d_sched = rmsprop(self.disc)
         self.ema = WeightAverage(self._generator_parts(), cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.adv_opt = torch.optim.Adam(self.latent_adv.parameters(), lr=oc.latent_lr) if self.latent_adv is not None else None
+        self.latent_exp_opt = torch.optim.Adam(self.latent_exp.parameters(), lr=oc.latent_lr) if self.latent_exp is not None else None
         self._buffer_means = torch.zeros(0, cfg.model.latent_dim, device=dev)
         self._buffer_ids = torch.zeros(0, dtype=torch.long, device=dev)
         torch.manual_seed(cfg.train.seed + 1009 * self.rank)  # dropout and sampling noise differ per rank
@@ -272,9 +277,11 @@ class Trainer:
             with frozen(*self._judges()):
                 heads = self.disc_frozen(self._augment(fake))
                 latent_logits = self.latent_adv(mean) if self.latent_adv is not None else None
-            extras = L.GeneratorExtras(recon=(rec, x) if rec is not None else None, latent_logits=latent_logits)
+            latent_exp_logits = self.latent_exp_fwd(mean) if self.latent_exp_fwd is not None else None
+            extras = L.GeneratorExtras(recon=(rec, x) if rec is not None else None, latent_logits=latent_logits,
+                                       latent_exp_logits=latent_exp_logits)
             g = L.generator_loss(heads, c, y_exp, mean, logvar, self._g_weights, extras)
-        self._update(self.g_opt, self.g_sched, g.total)
+        self._update(self.g_opt, self.g_sched, g.total, *([self.latent_exp_opt] if self.latent_exp_opt is not None else []))
         self._record(g.parts, {"g_id_acc": L.accuracy(heads[1].detach(), c), "g_exp_acc": L.accuracy(heads[2].detach(), y_exp)})
 
     def _judges(self) -> list[nn.Module]:
@@ -286,10 +293,14 @@ class Trainer:
         return diff_augment(images, policy) if policy else images
 
     @staticmethod
-    def _update(opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler | None, loss: torch.Tensor) -> None:
-        opt.zero_grad(set_to_none=True)
+    def _update(opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler | None, loss: torch.Tensor,
+                *cotrained: torch.optim.Optimizer) -> None:
+        """One optimiser step on ``loss``; ``cotrained`` optimisers (heads trained by the same loss) step with it."""
+        for o in (opt, *cotrained):
+            o.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        for o in (opt, *cotrained):
+            o.step()
         if sched is not None:
             sched.step()
 
@@ -423,6 +434,8 @@ class Trainer:
                 "adv_opt": self.adv_opt.state_dict(),
                 "latent_buffer": {"means": self._buffer_means, "ids": self._buffer_ids},
             }
+        if self.latent_exp is not None:
+            state |= {"latent_exp": self.latent_exp.state_dict(), "latent_exp_opt": self.latent_exp_opt.state_dict()}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         if hasattr(self._source, "state_dict"):
@@ -447,6 +460,11 @@ class Trainer:
             self.adv_opt.load_state_dict(state["adv_opt"])
             self._buffer_means = state["latent_buffer"]["means"].to(self.device)
             self._buffer_ids = state["latent_buffer"]["ids"].to(self.device)
+        if self.latent_exp is not None:
+            if "latent_exp" not in state:
+                raise ValueError("checkpoint has no latent expression head but loss.g_latent_exp > 0")
+            self.latent_exp.load_state_dict(state["latent_exp"])
+            self.latent_exp_opt.load_state_dict(state["latent_exp_opt"])
         if self.ema is not None and "ema" in state:
             self.ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["rng"]["torch"])

@@ -235,7 +235,7 @@ def base_label(base: dict[str, Any]) -> str:
     """Name the base config's weights: the paper's, when its generator weights are a paper preset's."""
     from pprl.config import Config, load_config
 
-    weights = ("g_kl", "g_adv", "g_id", "g_exp", "g_recon", "g_latent")
+    weights = ("g_kl", "g_adv", "g_id", "g_exp", "g_recon", "g_latent", "g_latent_exp")
     loss = Config.from_dict(base).loss
     for preset, dataset in (("paper-ferg", "FERG"), ("paper-mug", "MUG")):
         paper = load_config(preset).loss
