@@ -455,14 +455,14 @@ class Trainer:
             getattr(self, name).load_state_dict(state[name])
         if self.latent_adv is not None:
             if "latent_adv" not in state:
-                raise ValueError("checkpoint has no latent adversary but loss.g_latent > 0")
+                raise ValueError("checkpoint has no latent adversary but loss.g_latent > 0: it was trained with another loss config; resume it with that config or start a new run name")
             self.latent_adv.load_state_dict(state["latent_adv"])
             self.adv_opt.load_state_dict(state["adv_opt"])
             self._buffer_means = state["latent_buffer"]["means"].to(self.device)
             self._buffer_ids = state["latent_buffer"]["ids"].to(self.device)
         if self.latent_exp is not None:
             if "latent_exp" not in state:
-                raise ValueError("checkpoint has no latent expression head but loss.g_latent_exp > 0")
+                raise ValueError("checkpoint has no latent expression head but loss.g_latent_exp > 0: it was trained with another loss config; resume it with that config or start a new run name")
             self.latent_exp.load_state_dict(state["latent_exp"])
             self.latent_exp_opt.load_state_dict(state["latent_exp_opt"])
         if self.ema is not None and "ema" in state:
