@@ -11,6 +11,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from pprl.anonymizer import Anonymizer
 from pprl.footage import testclips
 from pprl.footage.detect import CenterFaceDetector, DetectorError, DetectorSpec, SidecarDetector, box_iou
 from pprl.footage.paste import Region, crop_region, extract, feather_mask, paste
@@ -187,12 +188,21 @@ def test_plan_mirrors_the_tree_and_skips_the_output_inside_the_input(tmp_path):
 
 # --- the pipeline with the trained model -----------------------------------------------------------------------
 
-# Two clips of three faces: all six identities and six of the seven expressions appear once each. The faces are
-# drawn at the model's size (32 px), so the judges measure the anonymiser rather than the blur of upscaling its
-# 32-px renders into larger faces (a limit of the cpu-quick model, see docs/footage.md).
+# Four clips of three faces: each of the six identities shows two expressions and each of six expressions (all but
+# neutral) appears on two identities, so one face the model renders badly moves the result by 8 points, not 16. Faces
+# are 64 px, twice the cpu-quick model's side, as a camera's faces are larger than the model's input: the crop is
+# scaled down to it, so the 4:2:0 colour of the video still has the model's resolution. Faces at the model's own
+# size lose colour detail that the cpu-quick encoder reads expression from (measured in docs/footage.md, "Limits").
+JUDGED_FACES = {  # clip: (scene seed, identities, expressions)
+    "cam1/a.mp4": (1, (0, 1, 2), (3, 6, 0)),
+    "cam2/b.mkv": (2, (3, 4, 5), (5, 1, 2)),
+    "cam3/c.mp4": (3, (3, 4, 5), (3, 6, 0)),
+    "cam4/d.mkv": (4, (0, 1, 2), (5, 1, 2)),
+}
 JUDGED_CLIPS = {
-    "cam1/a.mp4": testclips.ClipSpec(faces=3, frames=48, tile=32, seed=1, identities=(0, 1, 2), expressions=(3, 6, 0)),
-    "cam2/b.mkv": testclips.ClipSpec(faces=3, frames=48, tile=32, seed=2, identities=(3, 4, 5), expressions=(5, 1, 2), audio="pcm_s16le"),
+    rel: testclips.ClipSpec(faces=3, frames=48, width=320, height=240, tile=64, seed=seed, identities=ids, expressions=exps,
+                            audio="pcm_s16le" if rel.endswith(".mkv") else "aac")
+    for rel, (seed, ids, exps) in JUDGED_FACES.items()
 }
 
 
@@ -206,7 +216,7 @@ def judged_run(tmp_path_factory, trained_model):
         side = str(root / "boxes" / rel.rsplit(".", 1)[0]) + ".parquet"
         truth[rel] = testclips.synthetic_clip(str(root / "in" / rel), spec, sidecar=side)
     # Random targets render about one track in six as its own source identity: that is the chance level the privacy
-    # check is relative to. Seed 10 gives exactly one such track of the six (cam1's track 0), and four distinct targets.
+    # check is relative to. Seed 10 gives exactly two such tracks of the twelve, and five distinct targets.
     options = FootageOptions(model=trained_model, detector=DetectorSpec.parse(f"sidecar:{root / 'boxes'}"),
                              policy=TargetPolicy.parse("random-per-track", seed=10), batch_frames=16)
     summary = anonymize_footage(str(root / "in"), str(root / "out"), options, num_workers=0, progress=False)
@@ -216,7 +226,7 @@ def judged_run(tmp_path_factory, trained_model):
 @pytest.mark.slow
 def test_output_video_keeps_frames_rate_duration_and_audio(judged_run):
     root = judged_run["root"]
-    assert judged_run["summary"].errors == 0 and list(judged_run["summary"].index.status) == ["done", "done"]
+    assert judged_run["summary"].errors == 0 and list(judged_run["summary"].index.status) == ["done"] * len(JUDGED_CLIPS)
     for rel in JUDGED_CLIPS:
         a, b = probe(str(root / "in" / rel)), probe(str(root / "out" / rel))
         assert (b.frames, b.fps, b.width, b.height) == (a.frames, a.fps, a.width, a.height)
@@ -299,11 +309,11 @@ def truth_crops(judged_run, which: str) -> tuple[np.ndarray, np.ndarray, np.ndar
     return np.stack(crops), np.array(idents), np.array(exprs)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 8 open: expression on pasted faces measured 72.5 % (bar 80 %), identity 18.8 % passes; "
-                   "two of six faces lose their expression already when the model reads their H.264-decoded crops; "
-                   "thresholds stand, XPASS means it now holds")
+@pytest.mark.xfail(strict=False, reason="issue 8 open: on 12 faces of 64 px the cpu-quick model keeps expression in 60.6 % of "
+                   "pasted faces (bar 80 %; 81.8 % before the paste, the 32-px render scaled into the 64-px crop costs the rest), "
+                   "identity 19.2 % passes; thresholds stand, XPASS means it now holds")
 @pytest.mark.slow
-def test_pasted_faces_hide_identity_and_keep_expression(judged_run, judges):
+def test_pasted_faces_hide_identity_and_keep_expression(judged_run, judges, trained_model):
     x_in, ident, expr = truth_crops(judged_run, "in")
     x_out, _, _ = truth_crops(judged_run, "out")
     id_before, id_after = judges.identity_accuracy(x_in, ident), judges.identity_accuracy(x_out, ident)
@@ -314,6 +324,11 @@ def test_pasted_faces_hide_identity_and_keep_expression(judged_run, judges):
           f"expression judge: {expr_before:.3f} -> {expr_after:.3f}")
     faces = pd.DataFrame({"identity": ident, "expression": expr, "kept": judges.predict_expression(x_out) == expr})
     print("expression kept per face (identity, expression):", faces.groupby(["identity", "expression"]).kept.mean().round(2).to_dict())
+    # Not asserted: how much of the result is this draw of targets. The model on the decoded crops, every target in turn.
+    model = Anonymizer.load(trained_model, device="cpu")
+    per_target = [judges.expression_accuracy(model.anonymize(x_in, t), expr) for t in range(model.num_identities)]
+    print(f"expression kept by the model from the decoded crops, before the paste: {judges.expression_accuracy(model.anonymize(x_in, targets), expr):.3f}; "
+          f"with each target identity for every face: {np.round(per_target, 3)}, mean {np.mean(per_target):.3f}")
     assert id_before >= 0.9, "the identity judge must recognise the originals, or the privacy check means nothing"
     assert id_after <= 1 / 6 + 0.15
     assert expr_after >= 0.80

@@ -26,7 +26,7 @@ TINY = [
     "model.encoder_widths=[8,8,8,8]", "model.decoder_widths=[8,8,8]", "model.decoder_seed_channels=8",
     "model.disc_widths=[8,8,8,8]", "model.disc_dense=16",
     "train.batch_size=8", "train.steps_per_epoch=2", "train.log_every=0", "train.d_warmup_steps=1",
-    "loss.g_recon=1", "loss.g_latent=0.5", "loss.g_latent_exp=0.5", "train.augment=translation,color", "train.ema_decay=0.9",
+    "loss.g_recon=1", "loss.g_latent=0.5", "loss.g_latent_exp=0.5", "loss.g_cycle=0.5", "train.augment=translation,color", "train.ema_decay=0.9",
 ]
 
 
@@ -80,16 +80,18 @@ def test_generator_loss_has_a_part_per_active_term():
     heads = (torch.zeros(4), torch.zeros(4, 6), torch.zeros(4, 7))
     labels = torch.zeros(4, dtype=torch.long)
     weights = {"g_kl": 0.002, "g_adv": 0.108, "g_id": 0.6, "g_exp": 0.29, "g_recon": 2.0, "g_latent": 1.0,
-               "g_latent_exp": 0.5}
+               "g_latent_exp": 0.5, "g_cycle": 3.0}
     paper = L.generator_loss(heads, labels, labels, torch.zeros(4, 8), torch.zeros(4, 8), weights)
     assert set(paper.parts) == {"g_kl", "g_adv", "g_id", "g_exp"}
     assert paper.total.item() == pytest.approx(0.108 * math.log(2) + 0.6 * math.log(6) + 0.29 * math.log(7))
     image = torch.zeros(4, 3, 8, 8)
-    extras = L.GeneratorExtras(recon=(image + 0.5, image), latent_logits=torch.zeros(4, 6), latent_exp_logits=torch.zeros(4, 7))
+    extras = L.GeneratorExtras(recon=(image + 0.5, image), latent_logits=torch.zeros(4, 6), latent_exp_logits=torch.zeros(4, 7),
+                               cycle=(torch.full((2, 8), 0.25), torch.zeros(2, 8)))
     full = L.generator_loss(heads, labels, labels, torch.zeros(4, 8), torch.zeros(4, 8), weights, extras)
     assert full.parts["g_recon"].item() == pytest.approx(0.5)
     assert full.parts["g_latent_exp"].item() == pytest.approx(math.log(7))
-    assert full.total.item() == pytest.approx(paper.total.item() + 2.0 * 0.5 + math.log(6) + 0.5 * math.log(7))
+    assert full.parts["g_cycle"].item() == pytest.approx(0.25)
+    assert full.total.item() == pytest.approx(paper.total.item() + 2.0 * 0.5 + math.log(6) + 0.5 * math.log(7) + 3.0 * 0.25)
 
 
 def test_weight_average_starts_as_a_copy_then_moves_a_fraction_towards_the_live_weights():
@@ -144,7 +146,7 @@ def test_checkpoint_resume_gives_the_same_next_step_losses(tmp_path):
     resumed.load_state_dict(load_checkpoint(str(tmp_path / "ckpt.pt")))
     got = resumed.train_epoch()
     losses = [k for k in expected if k.startswith(("d_", "g_", "latent_"))]
-    assert {"d_real_bce", "d_fake_bce", "g_id", "g_exp", "g_recon", "g_latent", "g_latent_exp", "latent_id_ce"} <= set(losses)
+    assert {"d_real_bce", "d_fake_bce", "g_id", "g_exp", "g_recon", "g_latent", "g_latent_exp", "g_cycle", "latent_id_ce"} <= set(losses)
     assert {k: got[k] for k in losses} == {k: expected[k] for k in losses}
     assert (got["epoch"], got["step"]) == (3, 6)
 
@@ -163,6 +165,27 @@ def test_latent_expression_head_trains_with_the_encoder():
     assert not torch.equal(with_head.latent_exp.linear.weight, head_before)
     assert not torch.equal(with_head.encoder.mean.weight, without.encoder.mean.weight)
     assert torch.equal(with_head.disc.identity.weight, without.disc.identity.weight)  # the D step saw the same fakes
+
+
+def test_latent_cycle_is_judged_by_the_frozen_average_and_trains_the_generator():
+    """No cycle until the weight average exists; then its loss reaches the decoder, and the judge itself never learns."""
+    def iterations(overrides: list[str], n: int) -> Trainer:
+        trainer = tiny_trainer(overrides)  # seeds the global RNG: build and step one trainer at a time
+        trainer.step = trainer.config.train.d_warmup_steps
+        for _ in range(n):
+            trainer.train_step()
+        return trainer
+
+    first, first_without = iterations([], 1), iterations(["loss.g_cycle=0"], 1)
+    assert "g_cycle" not in first._sums  # the average starts after the first generator steps
+    assert torch.equal(first.decoder.dense.weight, first_without.decoder.dense.weight)
+    second, second_without = iterations([], 2), iterations(["loss.g_cycle=0"], 2)
+    assert second._sums["g_cycle"] > 0
+    assert not torch.equal(second.decoder.dense.weight, second_without.decoder.dense.weight)
+    judge = second.ema.averaged["encoder"]
+    assert not judge.training and all(p.grad is None and not p.requires_grad for p in judge.parameters())
+    with pytest.raises(ValueError, match="train.ema_decay"):
+        tiny_trainer(["train.ema_decay=0"])
 
 
 def test_checkpoint_from_another_model_is_refused(tmp_path):

@@ -55,6 +55,9 @@ class ModelConfig:
             raise ValueError("model.num_identities and model.num_expressions must be >= 2")
 
 
+GENERATOR_WEIGHTS = ("g_kl", "g_adv", "g_id", "g_exp", "g_recon", "g_latent", "g_latent_exp", "g_cycle")  # LossConfig's generator terms
+
+
 @dataclass
 class LossConfig:
     """Loss weights. Defaults are the authors' FERG values (train.py@3b51888)."""
@@ -68,6 +71,7 @@ class LossConfig:
     g_recon: float = 0.0  # deviation: L1 self-reconstruction with the source identity code (0 = paper)
     g_latent: float = 0.0  # deviation: the encoder's latent mean must fool an identity classifier (0 = paper)
     g_latent_exp: float = 0.0  # deviation: a linear head on the latent mean must read the source expression (0 = paper)
+    g_cycle: float = 0.0  # deviation: the averaged encoder must read the source's latent back from each render (needs ema)
     real_label: tuple[float, float] = (0.9, 1.0)  # noisy label smoothing ranges
     fake_label: tuple[float, float] = (0.0, 0.1)
 
@@ -76,7 +80,7 @@ class LossConfig:
         self.d_fake = tuple(self.d_fake)
         self.real_label = tuple(self.real_label)
         self.fake_label = tuple(self.fake_label)
-        for name in ("g_kl", "g_adv", "g_id", "g_exp", "g_recon", "g_latent", "g_latent_exp"):
+        for name in GENERATOR_WEIGHTS:
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -120,6 +124,10 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     preset: str = "paper-ferg"
+
+    def __post_init__(self) -> None:
+        if self.loss.g_cycle > 0 and self.train.ema_decay == 0:
+            raise ValueError("loss.g_cycle > 0 needs train.ema_decay > 0: the weight-averaged encoder judges the cycle")
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(asdict(self))

@@ -69,6 +69,7 @@ class GeneratorExtras:
     recon: tuple[torch.Tensor, torch.Tensor] | None = None  # (reconstruction with the source code, input)
     latent_logits: torch.Tensor | None = None  # the latent identity classifier on the latent means
     latent_exp_logits: torch.Tensor | None = None  # the latent expression head on the latent means
+    cycle: tuple[torch.Tensor, torch.Tensor] | None = None  # (averaged encoder's mean of the fakes, of their sources)
 
 
 def generator_loss(
@@ -96,6 +97,8 @@ def generator_loss(
         parts["g_latent"] = confusion_loss(ex.latent_logits)
     if ex.latent_exp_logits is not None:
         parts["g_latent_exp"] = F.cross_entropy(ex.latent_exp_logits.float(), expression)
+    if ex.cycle is not None:
+        parts["g_cycle"] = F.l1_loss(ex.cycle[0].float(), ex.cycle[1].float())
     total = sum(weights[name] * value for name, value in parts.items())
     return LossParts(total, parts)
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from pprl import storage
-from pprl.config import Config
+from pprl.config import GENERATOR_WEIGHTS, Config
 from pprl.models.networks import LatentClassifier, LatentExpressionHead, build_networks, reparameterize
 from pprl.train import loss as L
 from pprl.train.augment import check_policy, diff_augment
@@ -106,9 +106,7 @@ class Trainer:
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
         self.collapse = CollapseDetector(config.train.collapse_patience, config.model.num_identities)
-        lc = config.loss
-        self._g_weights = {"g_kl": lc.g_kl, "g_adv": lc.g_adv, "g_id": lc.g_id, "g_exp": lc.g_exp, "g_recon": lc.g_recon, "g_latent": lc.g_latent,
-                           "g_latent_exp": lc.g_latent_exp}
+        self._g_weights = {name: getattr(config.loss, name) for name in GENERATOR_WEIGHTS}
         self._build(wrap_model or (lambda m: m))
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
@@ -157,6 +155,7 @@ class Trainer:
         self.ema = WeightAverage(self._generator_parts(), cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.adv_opt = torch.optim.Adam(self.latent_adv.parameters(), lr=oc.latent_lr) if self.latent_adv is not None else None
         self.latent_exp_opt = torch.optim.Adam(self.latent_exp.parameters(), lr=oc.latent_lr) if self.latent_exp is not None else None
+        self._g_cotrained = [self.latent_exp_opt] if self.latent_exp_opt is not None else []  # step with g_opt
         self._buffer_means = torch.zeros(0, cfg.model.latent_dim, device=dev)
         self._buffer_ids = torch.zeros(0, dtype=torch.long, device=dev)
         torch.manual_seed(cfg.train.seed + 1009 * self.rank)  # dropout and sampling noise differ per rank
@@ -279,10 +278,23 @@ class Trainer:
                 latent_logits = self.latent_adv(mean) if self.latent_adv is not None else None
             latent_exp_logits = self.latent_exp_fwd(mean) if self.latent_exp_fwd is not None else None
             extras = L.GeneratorExtras(recon=(rec, x) if rec is not None else None, latent_logits=latent_logits,
-                                       latent_exp_logits=latent_exp_logits)
+                                       latent_exp_logits=latent_exp_logits, cycle=self._latent_cycle(x, fake))
             g = L.generator_loss(heads, c, y_exp, mean, logvar, self._g_weights, extras)
-        self._update(self.g_opt, self.g_sched, g.total, *([self.latent_exp_opt] if self.latent_exp_opt is not None else []))
+        self._update(self.g_opt, self.g_sched, g.total, *self._g_cotrained)
         self._record(g.parts, {"g_id_acc": L.accuracy(heads[1].detach(), c), "g_exp_acc": L.accuracy(heads[2].detach(), y_exp)})
+
+    def _latent_cycle(self, x: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The averaged encoder's latent means of the fakes and of their sources (``loss.g_cycle``).
+
+        Whatever the target identity, the render must carry its source's latent (expression, pose) visibly enough for
+        an encoder to read it back. The weight-averaged encoder judges: it is frozen, so the generator cannot teach it
+        to read a code hidden in the pixels. None until the average has started (after the first generator steps)."""
+        if self.config.loss.g_cycle == 0 or not self.ema.started:
+            return None
+        judge = self.ema.averaged["encoder"]
+        with torch.no_grad():
+            anchor = judge(x)[0]
+        return judge(fake)[0], anchor
 
     def _judges(self) -> list[nn.Module]:
         """Networks that only judge the generator step: D and the latent classifier (their optimisers step elsewhere)."""
@@ -455,14 +467,14 @@ class Trainer:
             getattr(self, name).load_state_dict(state[name])
         if self.latent_adv is not None:
             if "latent_adv" not in state:
-                raise ValueError("checkpoint has no latent adversary but loss.g_latent > 0: it was trained with another loss config; resume it with that config or start a new run name")
+                raise _missing_in_checkpoint("latent adversary", "loss.g_latent")
             self.latent_adv.load_state_dict(state["latent_adv"])
             self.adv_opt.load_state_dict(state["adv_opt"])
             self._buffer_means = state["latent_buffer"]["means"].to(self.device)
             self._buffer_ids = state["latent_buffer"]["ids"].to(self.device)
         if self.latent_exp is not None:
             if "latent_exp" not in state:
-                raise ValueError("checkpoint has no latent expression head but loss.g_latent_exp > 0: it was trained with another loss config; resume it with that config or start a new run name")
+                raise _missing_in_checkpoint("latent expression head", "loss.g_latent_exp")
             self.latent_exp.load_state_dict(state["latent_exp"])
             self.latent_exp_opt.load_state_dict(state["latent_exp_opt"])
         if self.ema is not None and "ema" in state:
@@ -478,3 +490,8 @@ class Trainer:
         """The plain (unwrapped) networks that make a bundle (the weight-averaged encoder and decoder when enabled)."""
         encoder, decoder = self.rendering_networks()
         return {"encoder": encoder, "decoder": decoder, "discriminator": self.disc}
+
+
+def _missing_in_checkpoint(part: str, weight: str) -> ValueError:
+    return ValueError(f"checkpoint has no {part} but {weight} > 0: it was trained with another loss config; "
+                      "resume it with that config or start a new run name")

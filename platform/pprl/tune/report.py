@@ -233,13 +233,12 @@ def matplotlib_norm(values: np.ndarray):
 
 def base_label(base: dict[str, Any]) -> str:
     """Name the base config's weights: the paper's, when its generator weights are a paper preset's."""
-    from pprl.config import Config, load_config
+    from pprl.config import GENERATOR_WEIGHTS, Config, load_config
 
-    weights = ("g_kl", "g_adv", "g_id", "g_exp", "g_recon", "g_latent", "g_latent_exp")
     loss = Config.from_dict(base).loss
     for preset, dataset in (("paper-ferg", "FERG"), ("paper-mug", "MUG")):
         paper = load_config(preset).loss
-        if all(getattr(loss, w) == getattr(paper, w) for w in weights):
+        if all(getattr(loss, w) == getattr(paper, w) for w in GENERATOR_WEIGHTS):
             return f"the paper's {dataset} weights (base config)"
     return "the base config's weights"
 
