@@ -151,16 +151,19 @@ def test_checkpoint_resume_gives_the_same_next_step_losses(tmp_path):
     assert (got["epoch"], got["step"]) == (3, 6)
 
 
+def after_warmup(overrides: list[str], iterations: int = 1) -> Trainer:
+    """A tiny trainer past D's warm-up, ``iterations`` full iterations (D and generator steps) in."""
+    trainer = tiny_trainer(overrides)  # seeds the global RNG: build and step one trainer at a time
+    trainer.step = trainer.config.train.d_warmup_steps
+    for _ in range(iterations):
+        trainer.train_step()
+    return trainer
+
+
 def test_latent_expression_head_trains_with_the_encoder():
     """The head learns, and its loss reaches the encoder: the same seed without it ends the step elsewhere."""
-    def one_iteration(overrides: list[str]) -> Trainer:
-        trainer = tiny_trainer(overrides)  # seeds the global RNG: build and step one trainer at a time
-        trainer.step = trainer.config.train.d_warmup_steps  # straight to the generator steps
-        trainer.train_step()
-        return trainer
-
     head_before = tiny_trainer().latent_exp.linear.weight.detach().clone()
-    with_head, without = one_iteration([]), one_iteration(["loss.g_latent_exp=0"])
+    with_head, without = after_warmup([]), after_warmup(["loss.g_latent_exp=0"])
     assert without.latent_exp is None
     assert not torch.equal(with_head.latent_exp.linear.weight, head_before)
     assert not torch.equal(with_head.encoder.mean.weight, without.encoder.mean.weight)
@@ -169,17 +172,10 @@ def test_latent_expression_head_trains_with_the_encoder():
 
 def test_latent_cycle_is_judged_by_the_frozen_average_and_trains_the_generator():
     """No cycle until the weight average exists; then its loss reaches the decoder, and the judge itself never learns."""
-    def iterations(overrides: list[str], n: int) -> Trainer:
-        trainer = tiny_trainer(overrides)  # seeds the global RNG: build and step one trainer at a time
-        trainer.step = trainer.config.train.d_warmup_steps
-        for _ in range(n):
-            trainer.train_step()
-        return trainer
-
-    first, first_without = iterations([], 1), iterations(["loss.g_cycle=0"], 1)
+    first, first_without = after_warmup([]), after_warmup(["loss.g_cycle=0"])
     assert "g_cycle" not in first._sums  # the average starts after the first generator steps
     assert torch.equal(first.decoder.dense.weight, first_without.decoder.dense.weight)
-    second, second_without = iterations([], 2), iterations(["loss.g_cycle=0"], 2)
+    second, second_without = after_warmup([], 2), after_warmup(["loss.g_cycle=0"], 2)
     assert second._sums["g_cycle"] > 0
     assert not torch.equal(second.decoder.dense.weight, second_without.decoder.dense.weight)
     judge = second.ema.averaged["encoder"]
