@@ -144,7 +144,7 @@ def judges(synth_data, trained_model):
     from pprl.serve.batch import bundle_info
 
     # The whole training split, batch 32 (the default 256 gives too few SGD steps for a reliable expression judge).
-    return train_judges(synth_data, int(bundle_info(trained_model)["image_size"]), epochs=6, batch_size=32)
+    return train_judges(synth_data, int(bundle_info(trained_model)["image_size"]), epochs=6, batch_size=32, processes=2)
 
 
 def train_quick_model(data: str, out: str) -> str:

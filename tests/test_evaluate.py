@@ -197,9 +197,39 @@ def test_epoch_is_chosen_on_validation_data_only():
     assert fitted.history[fitted.best_epoch - 1]["val_accuracy"] == pytest.approx(best, abs=1e-4)
 
 
+def test_video_augmentation_rescales_part_of_the_batch_and_halves_colour_resolution():
+    import torch
+
+    from pprl.evaluate.classifiers import chroma_420, video_imaging
+
+    def luma(x):
+        return 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+
+    torch.manual_seed(0)
+    x = torch.rand(400, 3, 32, 32) * 0.8 - 0.4  # no colour reaches [-1, 1] after 4:2:0, so clamping keeps the luma
+    colour = chroma_420(x)
+    assert torch.allclose(luma(colour), luma(x), atol=1e-5)  # luma is kept per pixel
+    grey = x[:, :1].expand(-1, 3, -1, -1)
+    assert torch.allclose(chroma_420(grey), grey, atol=1e-5)
+    checker = torch.zeros(1, 3, 8, 8)
+    checker[0, 0, ::2, ::2] = checker[0, 0, 1::2, 1::2] = 1  # red and blue alternate pixel by pixel
+    checker[0, 2] = 1 - checker[0, 0]
+    assert (chroma_420(checker)[:, 0] - luma(chroma_420(checker))).std() < 0.05 * (checker[:, 0] - luma(checker)).std()
+
+    out = video_imaging(x)
+    assert out.shape == x.shape and out.min() >= -1 and out.max() <= 1
+    kept_sharp = ((luma(out) - luma(x)).abs().amax(dim=(1, 2)) < 1e-4).float().mean()
+    assert 0.2 < kept_sharp < 0.4  # 30 % keep every pixel's luma, the rest are rescaled
+    torch.manual_seed(0)
+    torch.rand(400, 3, 32, 32)
+    assert torch.equal(video_imaging(x), out)  # seeded, like the rest of fit()
+
+
 def test_bad_inputs_are_refused_with_a_clear_message(small_data):
     with pytest.raises(ValueError, match="unknown classifier arch 'vgg'"):
         FitSpec("vgg")
+    with pytest.raises(ValueError, match="unknown augmentation jpeg; use a comma list of geometric, video"):
+        FitSpec("paper-cnn", augment="video,jpeg")
     with pytest.raises(ValueError, match="has 8 identities but the dataset"):
         check_compatible(IdentityAnonymizer(32, num_identities=8), load_dataset(small_data))
     with pytest.raises(ValueError, match="unknown evaluation profile"):
@@ -222,3 +252,7 @@ def test_judges_score_images_of_any_size_or_tensors(small_data):
     assert 0.0 <= judges.expression_accuracy(x, exprs) <= 1.0
     with pytest.raises(ValueError, match="expected uint8 images"):
         judges.identity_accuracy(x.astype(np.float32), ids)
+    side_by_side = train_judges(ds, size=32, epochs=6, batch_size=32, processes=2)  # two spawned processes
+    assert (side_by_side.predict_identity(x) == judges.predict_identity(x)).all()
+    assert (side_by_side.predict_expression(x) == judges.predict_expression(x)).all()
+    assert side_by_side.expression.history == judges.expression.history

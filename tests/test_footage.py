@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from pprl.anonymizer import Anonymizer
 from pprl.footage import testclips
@@ -309,27 +310,58 @@ def truth_crops(judged_run, which: str) -> tuple[np.ndarray, np.ndarray, np.ndar
     return np.stack(crops), np.array(idents), np.array(exprs)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 8 open: on 12 faces of 64 px the cpu-quick model keeps expression in 60.6 % of "
-                   "pasted faces (bar 80 %; 81.8 % before the paste, the 32-px render scaled into the 64-px crop costs the rest), "
-                   "identity 19.2 % passes; thresholds stand, XPASS means it now holds")
+@pytest.fixture(scope="module")
+def video_judges(synth_data, trained_model):
+    """Identity and expression judges trained on the synthetic originals as video hands faces over: rescaled, with
+    4:2:0 colour and off-centre (``augment="video,geometric"``), for the paper's 10 epochs. The plain judges (the
+    ``judges`` fixture) read expression from pixel-sharp detail: they lose 19 points on a 2x up-and-down scaling of
+    the same 32-px renders, which is what pasting into a 64-px face and cutting it out again does
+    (docs/evaluation.md, "Judging faces cut out of video")."""
+    from pprl.evaluate.judges import train_judges
+    from pprl.serve.batch import bundle_info
+
+    size = int(bundle_info(trained_model)["image_size"])
+    return train_judges(synth_data, size, epochs=10, batch_size=32, augment="video,geometric", processes=2)
+
+
+def pasted_elsewhere(crops: np.ndarray, expressions: np.ndarray, feather: float, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each crop with another crop's face, of another expression, pasted in at ``size`` px as the pipeline pastes."""
+    order = np.argsort(expressions, kind="stable")
+    donor = np.empty_like(order)
+    donor[order] = order[(np.arange(len(order)) + len(order) // 2) % len(order)]  # half the faces away: another expression
+    out = crops.copy()
+    for crop, face in zip(out, crops[donor], strict=True):
+        paste(crop, Region(0, 0, crop.shape[0]), np.asarray(Image.fromarray(face).resize((size, size), Image.BILINEAR)), feather)
+    return out, expressions[donor]
+
+
 @pytest.mark.slow
-def test_pasted_faces_hide_identity_and_keep_expression(judged_run, judges, trained_model):
+def test_pasted_faces_hide_identity_and_keep_expression(judged_run, video_judges, judges, trained_model):
     x_in, ident, expr = truth_crops(judged_run, "in")
     x_out, _, _ = truth_crops(judged_run, "out")
-    id_before, id_after = judges.identity_accuracy(x_in, ident), judges.identity_accuracy(x_out, ident)
-    expr_before, expr_after = judges.expression_accuracy(x_in, expr), judges.expression_accuracy(x_out, expr)
+    judge = video_judges
+    id_before, id_after = judge.identity_accuracy(x_in, ident), judge.identity_accuracy(x_out, ident)
+    expr_before, expr_after = judge.expression_accuracy(x_in, expr), judge.expression_accuracy(x_out, expr)
     targets = rendered_targets(judged_run)
     print(f"identity judge: originals {id_before:.3f} -> pasted {id_after:.3f} (faces rendered as their own identity: "
-          f"{np.mean(targets == ident):.3f}; pasted recognised as their target: {judges.identity_accuracy(x_out, targets):.3f}); "
-          f"expression judge: {expr_before:.3f} -> {expr_after:.3f}")
-    faces = pd.DataFrame({"identity": ident, "expression": expr, "kept": judges.predict_expression(x_out) == expr})
+          f"{np.mean(targets == ident):.3f}; pasted recognised as their target: {judge.identity_accuracy(x_out, targets):.3f}); "
+          f"expression judge: {expr_before:.3f} -> {expr_after:.3f} (plain judges, trained without the video's imaging: "
+          f"{judges.expression_accuracy(x_in, expr):.3f} -> {judges.expression_accuracy(x_out, expr):.3f})")
+    faces = pd.DataFrame({"identity": ident, "expression": expr, "kept": judge.predict_expression(x_out) == expr})
     print("expression kept per face (identity, expression):", faces.groupby(["identity", "expression"]).kept.mean().round(2).to_dict())
     # Not asserted: how much of the result is this draw of targets. The model on the decoded crops, every target in turn.
     model = Anonymizer.load(trained_model, device="cpu")
-    per_target = [judges.expression_accuracy(model.anonymize(x_in, t), expr) for t in range(model.num_identities)]
-    print(f"expression kept by the model from the decoded crops, before the paste: {judges.expression_accuracy(model.anonymize(x_in, targets), expr):.3f}; "
+    per_target = [judge.expression_accuracy(model.anonymize(x_in, t), expr) for t in range(model.num_identities)]
+    print(f"expression kept by the model from the decoded crops, before the paste: {judge.expression_accuracy(model.anonymize(x_in, targets), expr):.3f}; "
           f"with each target identity for every face: {np.round(per_target, 3)}, mean {np.mean(per_target):.3f}")
-    assert id_before >= 0.9, "the identity judge must recognise the originals, or the privacy check means nothing"
+    assert id_before >= 0.9 and expr_before >= 0.9, "the judges must recognise the originals, or the checks mean nothing"
+    # The judge reads the pasted face, not what the feathered margin leaves of the original: another face of another
+    # expression pasted the same way is judged as that face.
+    swapped, swapped_expr = pasted_elsewhere(x_in, expr, judged_run["options"].feather, model.image_size)
+    as_pasted, as_underneath = judge.expression_accuracy(swapped, swapped_expr), judge.expression_accuracy(swapped, expr)
+    print(f"another face pasted into each crop: judged as the pasted face {as_pasted:.3f}, as the face underneath {as_underneath:.3f}")
+    assert (swapped_expr != expr).all()
+    assert as_pasted >= 0.9 and as_underneath <= 0.15
     assert id_after <= 1 / 6 + 0.15
     assert expr_after >= 0.80
 

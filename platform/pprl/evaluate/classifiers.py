@@ -23,6 +23,7 @@ from torch.nn import functional as F
 
 IMAGE_ARCHS = ("paper-cnn", "resnet")
 LATENT_ARCHS = ("paper-mlp", "mlp-deep")
+AUGMENTATIONS = ("geometric", "video")  # see geometric() and video_imaging()
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class FitSpec:
     momentum: float = 0.9  # Nesterov, as the authors
     weight_decay: float = 0.0  # Keras' decay=1e-7 is an lr time decay, negligible over 10 epochs: left out
     cosine: bool = False  # cosine learning-rate schedule over all epochs
-    augment: bool = False  # random shift, horizontal flip, brightness/contrast jitter (images only)
+    augment: str = ""  # images only, a comma list of AUGMENTATIONS: "geometric", "video" ("" = none)
     val_fraction: float = 0.1  # carved from the training data, stratified by label, to pick the epoch
     seed: int = 0
 
@@ -45,6 +46,9 @@ class FitSpec:
             raise ValueError(f"unknown classifier arch {self.arch!r}; choose one of {', '.join(IMAGE_ARCHS + LATENT_ARCHS)}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1 (got {self.epochs}, {self.batch_size})")
+        unknown = set(filter(None, self.augment.split(","))) - set(AUGMENTATIONS)
+        if unknown:
+            raise ValueError(f"unknown augmentation {', '.join(sorted(unknown))}; use a comma list of {', '.join(AUGMENTATIONS)}")
         if not 0 < self.val_fraction < 0.5:
             raise ValueError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
 
@@ -57,7 +61,7 @@ def paper_spec(arch: str, epochs: int = 10, seed: int = 0) -> FitSpec:
 def strong_spec(arch: str, epochs: int = 30, seed: int = 0) -> FitSpec:
     """The stronger attacker: deeper network, augmentation (images), weight decay, cosine schedule, longer."""
     if arch == "resnet":
-        return FitSpec(arch, epochs=epochs, batch_size=128, lr=0.05, weight_decay=5e-4, cosine=True, augment=True, seed=seed)
+        return FitSpec(arch, epochs=epochs, batch_size=128, lr=0.05, weight_decay=5e-4, cosine=True, augment="geometric", seed=seed)
     return FitSpec(arch, epochs=epochs, batch_size=128, lr=0.02, weight_decay=1e-4, cosine=True, seed=seed)
 
 
@@ -278,7 +282,7 @@ def _train_epoch(model, opt, sched, x, y, order, spec: FitSpec, device) -> float
             continue
         batch = to_tensor(x[idx], device)
         if spec.augment:
-            batch = augment(batch)
+            batch = augment(batch, spec.augment)
         target = torch.as_tensor(y[idx], device=device)
         loss = F.cross_entropy(model(batch), target)
         opt.zero_grad(set_to_none=True)
@@ -299,7 +303,17 @@ def to_tensor(x: np.ndarray, device) -> torch.Tensor:
     return t.float()
 
 
-def augment(batch: torch.Tensor) -> torch.Tensor:
+def augment(batch: torch.Tensor, policy: str) -> torch.Tensor:
+    """Apply ``policy`` (a comma list of AUGMENTATIONS) to a float NCHW batch in [-1, 1]; video before geometric."""
+    parts = policy.split(",")
+    if "video" in parts:
+        batch = video_imaging(batch)
+    if "geometric" in parts:
+        batch = geometric(batch)
+    return batch
+
+
+def geometric(batch: torch.Tensor) -> torch.Tensor:
     """Random shift (up to size/16 px, reflect-padded), horizontal flip, brightness/contrast jitter of +-15%."""
     n, _, h, w = batch.shape
     pad = max(1, h // 16)
@@ -312,6 +326,38 @@ def augment(batch: torch.Tensor) -> torch.Tensor:
     bias = (torch.rand(n, 1, 1, 1, device=batch.device) - 0.5) * 0.3
     mean = shifted.mean(dim=(1, 2, 3), keepdim=True)
     return ((shifted - mean) * gain + mean + bias).clamp(-1, 1).contiguous(memory_format=torch.channels_last)
+
+
+def video_imaging(batch: torch.Tensor, min_scale: float = 0.4) -> torch.Tensor:
+    """What a face goes through between a camera and a judge: 70 % of the batch is scaled down to a random
+    ``min_scale``..1 of its side and back, and half of it gets 4:2:0 colour (chroma at half resolution).
+
+    A judge trained without it reads expression from pixel-sharp detail: the plain CNN judge loses 19 points of
+    expression on a 2x up-and-down scaling of the very same anonymised faces (docs/evaluation.md, "Judging faces
+    cut out of video").
+    """
+    n, _, h, w = batch.shape
+    sides = torch.randint(max(2, round(min_scale * h)), h + 1, (n,))
+    sides[torch.rand(n) >= 0.7] = h
+    out = batch.clone()
+    for side in sides.unique().tolist():
+        if side != h:
+            idx = (sides == side).nonzero()[:, 0].to(batch.device)
+            small = F.interpolate(batch[idx], size=(side, max(2, round(side * w / h))), mode="bilinear", antialias=True)
+            out[idx] = F.interpolate(small, size=(h, w), mode="bilinear")
+    subsampled = chroma_420(out)
+    half = (torch.rand(n, 1, 1, 1, device=batch.device) < 0.5).to(out.dtype)
+    return (half * subsampled + (1 - half) * out).clamp(-1, 1).contiguous(memory_format=torch.channels_last)
+
+
+def chroma_420(rgb: torch.Tensor) -> torch.Tensor:
+    """4:2:0 colour: luma (BT.601) kept per pixel, the two colour differences averaged over 2x2 blocks."""
+    r, g, b = rgb.unbind(1)
+    luma = 0.299 * r + 0.587 * g + 0.114 * b
+    diff = torch.stack([r - luma, b - luma], 1)
+    diff = F.interpolate(F.avg_pool2d(diff, 2, ceil_mode=True), size=rgb.shape[2:], mode="bilinear")
+    r, b = luma + diff[:, 0], luma + diff[:, 1]
+    return torch.stack([r, (luma - 0.299 * r - 0.114 * b) / 0.587, b], 1)
 
 
 @torch.no_grad()

@@ -10,6 +10,8 @@ anonymised images (put a ``Judges`` in the object store once with ``ray.put``: i
 
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -66,16 +68,36 @@ def train_judges(
     batch_size: int = 256,
     train_limit: int = 0,
     seed: int = 0,
+    augment: str = "",
+    processes: int = 1,
     device: str | None = None,
 ) -> Judges:
-    """Train the identity and expression judges on the training split (epoch picked on a held-out part of it)."""
+    """Train the identity and expression judges on the training split (epoch picked on a held-out part of it).
+
+    ``augment="video,geometric"`` trains judges for faces cut out of video (rescaled, 4:2:0 colour, off-centre):
+    see classifiers.video_imaging. The default is the paper's protocol: original images as they are.
+    ``processes=2`` fits the two judges side by side in spawned processes on a CPU (the same weights, in half the time
+    on two idle cores); keep 1 inside a worker process that must not spawn, such as a Ray task.
+    """
     ds = load_dataset(dataset) if isinstance(dataset, str) else dataset
     size = size or ds.image_size
     rows = stratified_subsample(ds.split("train"), train_limit, seed)
     images = ds.load_images(rows, size)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    spec = replace(paper_spec("paper-cnn", epochs, seed), batch_size=batch_size)
-    with torch_threads(1):  # see classifiers.torch_threads; irrelevant on a GPU
-        identity = fit(spec, images, rows["identity"].to_numpy(np.int64), ds.num_identities, device=device)
-        expression = fit(spec, images, rows["expression"].to_numpy(np.int64), ds.num_expressions, device=device)
+    spec = replace(paper_spec("paper-cnn", epochs, seed), batch_size=batch_size, augment=augment)
+    jobs = [
+        (spec, images, rows["identity"].to_numpy(np.int64), ds.num_identities, device),
+        (spec, images, rows["expression"].to_numpy(np.int64), ds.num_expressions, device),
+    ]
+    identity, expression = _fit_all(jobs, processes if device == "cpu" else 1)
     return Judges(identity, expression, size)
+
+
+def _fit_all(jobs: list[tuple], processes: int) -> list[Fitted]:
+    """``fit(*job)`` for every job, one torch thread each (see classifiers.torch_threads), in ``processes`` processes."""
+    if processes <= 1:
+        with torch_threads(1):
+            return [fit(*job) for job in jobs]
+    context = multiprocessing.get_context("spawn")  # fork is unsafe once torch has started its thread pools
+    with ProcessPoolExecutor(min(processes, len(jobs)), mp_context=context, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        return list(pool.map(fit, *zip(*jobs, strict=True)))
