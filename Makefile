@@ -14,10 +14,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
 		echo "NVIDIA GPU found: installing torch 2.13.0 with CUDA and DALI"; \
-		$(PY) -m pip install -q "torch==2.13.0" $(TORCH_PIP_ARGS); \
+		$(PY) -m pip install -q "torch==2.13.0" numpy $(TORCH_PIP_ARGS); \
 	else \
 		echo "no NVIDIA GPU: installing the CPU build of torch 2.13.0"; \
-		$(PY) -m pip install -q "torch==2.13.0" $(TORCH_PIP_ARGS); \
+		$(PY) -m pip install -q "torch==2.13.0" numpy $(TORCH_PIP_ARGS); \
 		$(PY) -c "import torch, sys; sys.exit(0 if torch.version.cuda is None else 'a CUDA build of torch was installed on a machine without a GPU: set TORCH_PIP_ARGS=\"--index-url https://download.pytorch.org/whl/cpu\"')"; \
 	fi
 	$(PY) -m pip install -q -e ".[dev]"

@@ -52,7 +52,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local, loopback-only clusters started by the benchmarks
     ctx = Context(quick=args.quick, workdir=Path(args.workdir), seconds=args.seconds, rounds=args.rounds, data_uri=args.data, model_uri=args.model)
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     info = machine() | {"loadavg_at_start": [round(v, 2) for v in os.getloadavg()]}

@@ -15,7 +15,6 @@ import asyncio
 import logging
 import os
 import secrets
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +22,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 from harness import Context, Figure
+
+from pprl import cluster
 
 log = logging.getLogger("bench.serving")
 LOOPBACK = "127.0.0.1"
@@ -33,12 +34,6 @@ class Load:
     concurrency: int
     seconds: float  # stop sending after this long
     max_requests: int  # ... or after this many, whichever comes first
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 async def _generate(url: str, body: bytes, headers: dict[str, str], load: Load) -> dict[str, Any]:
@@ -145,8 +140,8 @@ def serve_both(ctx: Context, loads: list[Load]) -> tuple[list[dict], list[dict],
     shipped = ServeSettings(model_uri=ctx.model())
     on = {"model_uri": shipped.model_uri, "model_num_cpus": 1, "ingress_num_cpus": 0.25, "max_batch_size": shipped.max_batch_size}
     off = {**on, "max_batch_size": 1}
-    port = free_port()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    port = cluster.free_port()
+    cluster.connect(num_cpus=os.cpu_count(), log_to_driver=False, purpose="the benchmark")
     try:
         serve.start(http_options={"host": LOOPBACK, "port": port})
         base = f"http://{LOOPBACK}:{port}"

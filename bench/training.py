@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from harness import Context, Figure
 
+from pprl import cluster
+
 log = logging.getLogger("bench.training")
 PRESET = "cpu-quick"
 MATMUL_N = 2048
@@ -165,7 +167,7 @@ def ddp_throughput(ctx: Context, cfg, workers: int, steps: int) -> dict[str, Any
 def ddp_scaling(ctx: Context, cfg) -> tuple[dict[str, Any], dict[str, Any]]:
     import ray
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    cluster.connect(num_cpus=os.cpu_count(), log_to_driver=False, purpose="the benchmark")
     try:
         steps = 8 if ctx.quick else 30
         return ddp_throughput(ctx, cfg, 1, steps), ddp_throughput(ctx, cfg, 2, steps)

@@ -5,28 +5,22 @@ Expensive things are built once per test session and reused by every test that a
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
 import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
+from pprl import cluster
+
 REPO = Path(__file__).resolve().parents[1]
-# Ray 2.60 turns token auth on for every cluster once any local ray.init() has written ~/.ray/auth_token; the test
-# clusters (and the plain HTTP checks against their dashboards) run without it, whatever ran before in the session.
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # torch's OpenMP threads otherwise spin between ops: on 2 cores shared with a Ray head they slow training down ~2x
 # (bench/README.md). Read when torch loads, which is after this file.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = cluster.free_port
 
 
 @pytest.fixture(scope="session")
@@ -91,47 +85,48 @@ def small_data(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory):
-    """A real ``ray start --head`` on free ports, shared by the tests that need a cluster.
+    """A real ``ray start --head`` (pprl's :class:`~pprl.cluster.LocalHead`: free loopback ports, token auth, stopped
+    by its process group), shared by the tests that need a cluster.
 
-    Yields ``{"address": "127.0.0.1:PORT", "dashboard": "http://127.0.0.1:PORT"}``. The head runs with
-    ``--block`` in its own process group so that stopping it stops this head only, never another Ray on the machine.
+    Yields ``{"address": "127.0.0.1:PORT", "dashboard": "http://127.0.0.1:PORT", "temp_dir": ..., "pid": ...}``; this
+    process holds the head's token (``RAY_AUTH_TOKEN_PATH``), as every client of a pprl-started head does.
     """
-    import signal
-    import subprocess
-    import time
+    log = tmp_path_factory.mktemp("ray") / "head.log"
+    with cluster.LocalHead(num_cpus=4, log_path=log) as head:
+        yield {"address": head.address, "dashboard": head.dashboard, "temp_dir": head.temp_dir, "pid": head.pid}
 
-    ports = {name: free_port() for name in ("port", "dashboard", "client", "node", "object", "metrics", "agent_grpc", "agent_http", "runtime_env")}
-    temp_dir = Path(f"/tmp/ray-{uuid.uuid4().hex[:8]}")  # short: Ray's socket paths must stay under 107 chars
-    cmd = [
-        str(Path(os.sys.executable).parent / "ray"), "start", "--head", "--block",
-        f"--port={ports['port']}", "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
-        f"--ray-client-server-port={ports['client']}", f"--node-manager-port={ports['node']}",
-        f"--object-manager-port={ports['object']}", f"--metrics-export-port={ports['metrics']}",
-        f"--dashboard-agent-grpc-port={ports['agent_grpc']}", f"--dashboard-agent-listen-port={ports['agent_http']}",
-        f"--runtime-env-agent-port={ports['runtime_env']}",
-        "--num-cpus=4", f"--temp-dir={temp_dir}", "--include-dashboard=true", "--disable-usage-stats",
-    ]
-    log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")  # noqa: SIM115 (lives as long as the head)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
-    address = f"127.0.0.1:{ports['port']}"
-    dashboard = f"http://127.0.0.1:{ports['dashboard']}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{dashboard}/api/version", timeout=2).close()
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"ray start exited with {proc.returncode}; see {log.name}") from None
-            time.sleep(1)
-    else:
-        raise RuntimeError(f"Ray dashboard did not come up at {dashboard}; see {log.name}")
-    yield {"address": address, "dashboard": dashboard, "temp_dir": str(temp_dir)}
-    os.killpg(proc.pid, signal.SIGTERM)  # the whole group: GCS, raylet, dashboard, workers of this head
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+
+TINY = [
+    "model.image_size=16", "model.kernel_size=4", "model.latent_dim=8",
+    "model.encoder_widths=[8,8,8,8]", "model.decoder_widths=[8,8,8]", "model.decoder_seed_channels=8",
+    "model.disc_widths=[8,8,8,8]", "model.disc_dense=16", "train.batch_size=8", "train.steps_per_epoch=1", "train.log_every=0",
+]
+
+
+def make_trainer():
+    """A tiny cpu-quick trainer (16 px, 8-wide layers) after one step: a bundle in a second."""
+    import numpy as np
+
+    from pprl.config import load_config
+    from pprl.train.batches import InMemoryBatches
+    from pprl.train.trainer import Trainer
+
+    cfg = load_config("cpu-quick", overrides=TINY)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
+    trainer = Trainer(cfg, InMemoryBatches(images, rng.integers(0, 6, 16), rng.integers(0, 7, 16), 8), device="cpu")
+    trainer.train_epoch()  # one step, so BatchNorm statistics are not the defaults
+    return trainer
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> str:
+    """An untrained tiny bundle (6 identities, 16 px) for plumbing tests."""
+    from pprl.train.export import export_bundle
+
+    out = str(tmp_path_factory.mktemp("tiny") / "bundle")
+    export_bundle(make_trainer(), out, {"note": "test"})
+    return out
 
 
 @pytest.fixture(scope="session")

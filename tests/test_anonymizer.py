@@ -8,34 +8,15 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import make_trainer
 from pprl import storage
 from pprl.anonymizer import Anonymizer
-from pprl.config import load_config
-from pprl.train.batches import InMemoryBatches
 from pprl.train.export import bundle_info, export_bundle, export_checkpoint
-from pprl.train.trainer import Trainer
-
-TINY = [
-    "model.image_size=16", "model.kernel_size=4", "model.latent_dim=8",
-    "model.encoder_widths=[8,8,8,8]", "model.decoder_widths=[8,8,8]", "model.decoder_seed_channels=8",
-    "model.disc_widths=[8,8,8,8]", "model.disc_dense=16", "train.batch_size=8", "train.steps_per_epoch=1", "train.log_every=0",
-]
-
-
-def make_trainer() -> Trainer:
-    cfg = load_config("cpu-quick", overrides=TINY)
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
-    trainer = Trainer(cfg, InMemoryBatches(images, rng.integers(0, 6, 16), rng.integers(0, 7, 16), 8), device="cpu")
-    trainer.train_epoch()  # one step, so BatchNorm statistics are not the defaults
-    return trainer
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("tiny") / "bundle")
-    export_bundle(make_trainer(), out, {"note": "test"})
-    return out
+def bundle(tiny_bundle) -> str:
+    return tiny_bundle
 
 
 @pytest.fixture(scope="module")

@@ -146,6 +146,25 @@ def test_synth_writes_to_s3_and_reads_back_with_plain_pyarrow(s3_bucket):
     assert json.loads(storage.read_text(f"{uri}/dataset.json"))["num_identities"] == 2
 
 
+@pytest.mark.parametrize("uri", ["gs://bucket/data", "S3://bucket/data", "s3a://bucket/data", "http://host/data",
+                                 "s3:/bucket/one-slash", "File:///tmp/x"])
+def test_unsupported_schemes_are_refused_naming_the_supported_ones(uri, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a misspelt URI used to become a folder here
+    for use in (storage.exists, storage.read_bytes, lambda u: storage.write_text(u, "x"), storage.filesystem,
+                storage.arrow_filesystem, lambda u: storage.join(u, "manifest.parquet"), load_dataset):
+        with pytest.raises(storage.UnsupportedURI, match=r"is not supported; use a local path, s3://\.\.\., file://"):
+            use(uri)
+    assert not any(tmp_path.iterdir())
+
+
+def test_supported_uris_still_resolve(tmp_path):
+    for uri in (str(tmp_path / "a"), f"file://{tmp_path}/b", "relative/path"):
+        assert storage.scheme(uri) in ("local", "file")
+    storage.write_text(f"file://{tmp_path}/b/x.txt", "ok")
+    assert storage.read_text(str(tmp_path / "b" / "x.txt")) == "ok"
+    assert storage.scheme("s3://bucket/key") == "s3"
+
+
 def test_unreachable_s3_endpoint_fails_fast_naming_it(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
     with pytest.raises(storage.StorageError, match="127.0.0.1:9"):

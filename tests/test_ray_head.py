@@ -1,6 +1,18 @@
+import urllib.error
 import urllib.request
 
+import pytest
 
-def test_ray_head_answers(ray_head):
-    with urllib.request.urlopen(f"{ray_head['dashboard']}/api/version", timeout=5) as r:
+from pprl import cluster
+
+
+def test_ray_head_answers_with_its_token(ray_head):
+    request = urllib.request.Request(f"{ray_head['dashboard']}/api/version", headers=cluster.auth_headers())
+    with urllib.request.urlopen(request, timeout=5) as r:
         assert r.status == 200
+
+
+def test_ray_head_refuses_a_client_without_its_token(ray_head):
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"{ray_head['dashboard']}/api/version", timeout=5)
+    assert err.value.code == 401

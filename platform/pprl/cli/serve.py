@@ -11,7 +11,7 @@ from typing import Any
 import typer
 import yaml
 
-from pprl import storage
+from pprl import cluster, storage
 from pprl.serve import security
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -29,7 +29,6 @@ def serve_command(
     max_batch_size: int | None = typer.Option(None, help="Largest dynamic batch of the model deployment."),
 ) -> None:
     """Serve the online (/v1/anonymize) and batch (/v1/jobs) endpoints; the token comes from PPRL_API_TOKEN."""
-    import ray
     from ray import serve
 
     from pprl.serve.app import APP_NAME, ServeSettings, build_app, forwarded_env
@@ -48,8 +47,7 @@ def serve_command(
         raise typer.BadParameter(str(err)) from None
     if s.insecure_local and host not in LOOPBACK:
         raise typer.BadParameter(f"--insecure-local serves without authentication: bind to 127.0.0.1, not {host}")
-    # A fresh local cluster inherits this environment; an existing one gets what the replicas need.
-    ray.init(address=address, runtime_env={"env_vars": forwarded_env(s)} if address else None)
+    cluster.connect(address, extra_env=forwarded_env(s), purpose="serving")
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(asdict(s)), name=APP_NAME, route_prefix="/")
     typer.echo(f"serving on http://{host}:{port} (OpenAPI: /docs); Ctrl-C to stop")
@@ -76,7 +74,6 @@ def anonymize_images(
     address: str | None = typer.Option(None, "--address", help="Ray cluster to join; default: start a local one."),
 ) -> None:
     """Anonymise a folder or bucket of face images into Parquet with Ray Data (the pipeline behind POST /v1/jobs)."""
-    import ray
     from tqdm import tqdm
 
     from pprl.serve.batch import JobRequest, Progress, run_images_job
@@ -94,8 +91,7 @@ def anonymize_images(
         max_pixels=max_pixels,
         pseudonym_secret=security.pseudonym_secret(os.environ.get(security.TOKEN_ENV)),
     )
-    if not ray.is_initialized():
-        ray.init(address=address, runtime_env={"env_vars": storage.s3_env()} if storage.s3_env() else None)
+    cluster.connect(address, purpose="the images job")
     with tqdm(unit="img", desc="anonymize") as bar:
 
         def show(p: Progress) -> None:

@@ -13,7 +13,6 @@ test predictions.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -152,10 +151,11 @@ def run_jobs(jobs: list[Job], data: EvalData, use_ray: bool, gpus_per_task: floa
             return {job.key: run_job(job, data.arrays, classes[job.task]) for job in tqdm(jobs, desc="classifiers", unit="job")}
     import ray
 
-    started = init_ray()
-    try:
+    from pprl import cluster
+
+    with cluster.ray_session(num_cpus=2, purpose="the evaluation's classifiers"):
         arrays_ref = ray.put(data.arrays)  # once: every task reads the same zero-copy arrays
-        remote = ray.remote(num_cpus=1, num_gpus=gpus_per_task, max_retries=1, runtime_env=_runtime_env(started))(_ray_job)
+        remote = ray.remote(num_cpus=1, num_gpus=gpus_per_task, max_retries=1)(_ray_job)
         by_cost = sorted(jobs, key=lambda j: RELATIVE_COST[j.spec.arch] * j.spec.epochs, reverse=True)  # longest first
         pending = {remote.remote(job, arrays_ref, classes[job.task], gpus_per_task > 0): job for job in by_cost}
         results = {}
@@ -167,35 +167,6 @@ def run_jobs(jobs: list[Job], data: EvalData, use_ray: bool, gpus_per_task: floa
                 bar.set_postfix_str(f"{job.key} done")
                 bar.update()
         return {job.key: results[job.key] for job in jobs}  # plan order, not finishing order
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def _runtime_env(started: str | None) -> dict[str, Any] | None:
-    """A local Ray started here inherits this process's environment; a joined cluster gets the S3 settings and,
-    under ``ray job submit --working-dir .``, this copy of pprl (the same environment training workers get)."""
-    if started == "local":
-        return None
-    from pprl.train.distributed import worker_runtime_env
-
-    return worker_runtime_env()
-
-
-def init_ray() -> str | None:
-    """Join ``RAY_ADDRESS`` when set (a cluster, or ``ray job submit``), else start a 2-CPU local Ray.
-
-    Returns "joined" or "local" when this call connected (the caller disconnects), None when Ray was already up."""
-    import ray
-
-    if ray.is_initialized():
-        return None
-    address = os.environ.get("RAY_ADDRESS") or None
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-        return "joined"
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    return "local"
 
 
 # --------------------------------------------------------------------------------------------------------- data

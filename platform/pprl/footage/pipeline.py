@@ -36,7 +36,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pprl import storage
+from pprl import cluster, storage
 from pprl.config import EXPRESSIONS
 from pprl.footage.detect import DetectorSpec, make_detector
 from pprl.footage.paste import crop_region, extract, paste
@@ -538,14 +538,8 @@ def _run_ray(
     """At most ``num_workers`` videos in flight as Ray tasks; results come back in completion order."""
     import ray
 
-    started = _init_ray()
-    try:
-        task_options: dict[str, Any] = {**resources, "max_retries": 2}
-        if started != "local":  # a joined cluster: S3 settings and, under `ray job submit --working-dir .`, this pprl
-            from pprl.train.distributed import worker_runtime_env
-
-            task_options["runtime_env"] = worker_runtime_env()
-        remote = ray.remote(process_video_safe).options(**task_options)
+    with cluster.ray_session(purpose="the footage tasks"):
+        remote = ray.remote(process_video_safe).options(**resources, max_retries=2)
         options_ref = ray.put(options)
         queue = iter(todo)
         pending = {remote.remote(task, options_ref): task for task in islice(queue, num_workers)}
@@ -563,24 +557,6 @@ def _run_ray(
             yield row
             for nxt in islice(queue, 0 if cancelled() else 1):
                 pending[remote.remote(nxt, options_ref)] = nxt
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def _init_ray() -> str | None:
-    """Join ``RAY_ADDRESS`` when set (a cluster, or ``ray job submit``), else start a local Ray.
-    Returns "joined" or "local" when this call connected (and so disconnects at the end), None when Ray was up."""
-    import ray
-
-    if ray.is_initialized():
-        return None
-    address = os.environ.get("RAY_ADDRESS") or None
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-        return "joined"
-    ray.init(logging_level=logging.WARNING, include_dashboard=False)
-    return "local"
 
 
 # --- the batch-endpoint job kind -------------------------------------------------------------------------------

@@ -256,14 +256,16 @@ def check_target_spec(spec: str, num_identities: int) -> None:
 def normalize_uri(uri: str) -> str:
     """``s3://bucket/key`` with no ``.``/``..`` segments, or a resolved absolute local path (symlinks followed)."""
     uri = str(uri).strip()
-    if storage.is_s3(uri):
+    try:
+        kind = storage.scheme(uri)
+    except storage.UnsupportedURI as err:
+        raise Rejected(400, str(err)) from None
+    if kind == "s3":
         key = uri[len("s3://") :]
         parts = key.rstrip("/").split("/")
         if not parts[0] or any(p in (".", "..", "") for p in parts):
             raise Rejected(400, f"{uri!r} is not a clean s3://bucket/prefix URI (empty, '.' or '..' segments)")
         return "s3://" + "/".join(parts)
-    if "://" in uri and not uri.startswith("file://"):
-        raise Rejected(400, f"{uri!r}: unsupported scheme; use s3:// or a local path")
     path = storage.strip_scheme(uri)
     if not path:
         raise Rejected(400, "empty path")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import socket
 import tempfile
 import uuid
@@ -30,27 +31,49 @@ S3_ENV_VARS = (
 )
 
 
+SCHEMES = ("s3://", "file://")  # and plain local paths
+_ANY_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/")
+
+
 class StorageError(RuntimeError):
     """A URI that cannot be read or written, with the reason in the message."""
 
 
+class UnsupportedURI(StorageError, ValueError):
+    """A URI with a scheme pprl does not read or write (it would otherwise become a local path)."""
+
+
+def scheme(uri: str) -> str:
+    """"s3", "file" or "local" (a plain path); any other ``scheme:/`` is refused, misspellings of ours included."""
+    uri = str(uri)
+    for known in SCHEMES:
+        if uri.startswith(known):
+            return known[: -len("://")]
+    found = _ANY_SCHEME.match(uri)
+    if found:
+        supported = ", ".join(f"{s}..." for s in SCHEMES)
+        raise UnsupportedURI(f"{uri}: the scheme {found.group(1)!r} is not supported; use a local path, {supported}")
+    return "local"
+
+
 def is_s3(uri: str) -> bool:
-    return str(uri).startswith("s3://")
+    return scheme(uri) == "s3"
 
 
 def strip_scheme(uri: str) -> str:
     """``s3://b/k`` -> ``b/k``; ``file:///x`` -> ``/x``; plain paths unchanged."""
     uri = str(uri)
-    if uri.startswith("file://"):
+    kind = scheme(uri)
+    if kind == "file":
         return urlparse(uri).path
-    if is_s3(uri):
+    if kind == "s3":
         return uri[len("s3://") :]
     return uri
 
 
 def join(uri: str, *parts: str) -> str:
     uri = str(uri)
-    if is_s3(uri) or uri.startswith("file://"):
+    if scheme(uri) != "local":
         return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
     return str(Path(uri, *parts))
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from pprl import storage
+from pprl import cluster, storage
 from pprl.config import Config
 
 log = logging.getLogger(__name__)
@@ -76,15 +76,14 @@ class TrainJob:
 # ----------------------------------------------------------------------------------------------------------- driver
 def launch(job: TrainJob, address: str | None = None) -> dict[str, Any]:
     """Validate, start (or join) Ray, run the TorchTrainer and return where the results are."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cfg = Config.from_dict(job.config)
     check_inputs(job, cfg)
     storage.write_text(storage.join(job.run_uri, "config.yaml"), cfg.to_yaml())
-    if job.num_workers > 0 and not ray.is_initialized():
-        ray.init(address=address)  # None: RAY_ADDRESS (set under `ray job submit`), else a running or new local Ray
+    if job.num_workers > 0:
+        cluster.connect(address, purpose="training")  # stays connected: Ray Train reports until the process ends
     fs, path = storage.arrow_filesystem(job.storage)
     trainer = TorchTrainer(
         train_loop,
@@ -96,7 +95,7 @@ def launch(job: TrainJob, address: str | None = None) -> dict[str, Any]:
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=job.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=job.keep_checkpoints),
-            worker_runtime_env=worker_runtime_env(),
+            worker_runtime_env=cluster.runtime_env(),
         ),
     )
     result = trainer.fit()
@@ -112,19 +111,6 @@ def launch(job: TrainJob, address: str | None = None) -> dict[str, Any]:
         "epoch": metrics.get("epoch"),
         "step": metrics.get("step"),
     }
-
-
-def worker_runtime_env() -> dict[str, Any]:
-    """What every worker needs in its environment: the S3 settings and, under ``ray job submit --working-dir .``,
-    this copy of ``pprl`` ahead of any installed one (workers start in their copy of the working dir)."""
-    import pprl
-
-    env = storage.s3_env()
-    platform_dir = Path(pprl.__file__).resolve().parents[1]
-    if platform_dir.is_relative_to(Path.cwd().resolve()):
-        relative = str(platform_dir.relative_to(Path.cwd().resolve()))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (relative, os.environ.get("PYTHONPATH")) if p)
-    return {"env_vars": env}
 
 
 def check_inputs(job: TrainJob, cfg: Config) -> None:

@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from pprl import storage
+from pprl import cluster, storage
 from pprl.config import Config
 from pprl.tune import judges as judge_store
 from pprl.tune.data import TuneData, prepare
@@ -120,28 +120,12 @@ def run_search(job: TuneJob, address: str | None = None) -> Outcome:
         job = resumed_job(meta["job"], job)
     cfg = check_job(job)
     data = _prepare(job, cfg)  # before Ray starts: a bad dataset fails fast
-    started_ray = init_ray(address)
-    try:
+    with cluster.ray_session(address, purpose="the search's trials"):
         shared, trained = obtain_judges(job, data)
         write_meta(job, meta, shared, trained, resuming)
         inputs = TrialInputs(job.config, ray.put(shared), ray.put(data.train), ray.put(data.val), job.privacy_weight, job.cpus_per_trial)
         make_tuner(job, inputs, experiment, fs, resuming).fit()
         return write_results(_analysis(experiment, fs), summary(job, cfg, data, shared))
-    finally:
-        if started_ray:
-            ray.shutdown()
-
-
-def init_ray(address: str | None) -> bool:
-    """Join ``address`` (default RAY_ADDRESS, else a new local Ray) with S3 settings and this pprl for the trials."""
-    import ray
-
-    from pprl.train.distributed import worker_runtime_env
-
-    if ray.is_initialized():
-        return False
-    ray.init(address=address, runtime_env=worker_runtime_env())
-    return True
 
 
 def _prepare(job: TuneJob, cfg: Config) -> TuneData:
