@@ -124,7 +124,7 @@ def test_a_local_head_stops_exactly_what_it_started(tmp_path):
             ours = head.pid
             token = Path(os.environ[cluster.TOKEN_PATH_ENV])
             assert token.stat().st_mode & 0o777 == 0o600
-        assert not cluster._group_alive(ours)
+        assert not cluster.live_processes(pgid=ours)
         assert cluster.dashboard_status(bystander.dashboard) == 200, "stopping one head stopped another"
     finally:
         bystander.stop()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -41,6 +42,7 @@ LOOPBACK = "127.0.0.1"
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
 TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
 TOKEN_ENV = "RAY_AUTH_TOKEN"
+HEAD_MARK_ENV = "PPRL_RAY_HEAD"  # set in a LocalHead's environment, so that every process it starts can be found
 TOKEN_HINT = (
     f"a Ray cluster with token authentication (Ray's default) needs its token here: put it in ~/.ray/auth_token, "
     f"or point {TOKEN_PATH_ENV} at a file that holds it, or set {TOKEN_ENV}"
@@ -51,6 +53,10 @@ _process_token: Path | None = None
 
 class ClusterError(RuntimeError):
     """Ray could not be joined or started; the message says what to do."""
+
+
+class HeadExited(ClusterError):
+    """``ray start`` gave up while starting (e.g. a port taken between choosing and binding it)."""
 
 
 # ----------------------------------------------------------------------------------------------------- the token
@@ -91,6 +97,14 @@ def token_available() -> bool:
         return True
     path = os.environ.get(TOKEN_PATH_ENV)
     return Path(path).is_file() if path else (Path.home() / ".ray" / "auth_token").is_file()
+
+
+def use_token_if_available() -> None:
+    """A client that has a token sends it (Ray's clients send none unless ``RAY_AUTH_MODE=token``); an explicit
+    ``RAY_AUTH_MODE`` is left as it is."""
+    if AUTH_MODE_ENV not in os.environ and token_available():
+        os.environ[AUTH_MODE_ENV] = "token"
+        _forget_cached_token()
 
 
 def auth_headers() -> dict[str, str]:
@@ -152,12 +166,24 @@ def connect(
 def _join(address: str, env: dict[str, Any], purpose: str, log_to_driver: bool) -> None:
     import ray
 
+    env = _without_job_env(env)
+    use_token_if_available()
     try:
         ray.init(address=address, runtime_env=env, logging_level=logging.WARNING, log_to_driver=log_to_driver)
     except (ConnectionError, ray.exceptions.AuthenticationError) as err:
         hint = "" if token_available() else f"; if it runs, {TOKEN_HINT}"
         raise ClusterError(f"could not join the Ray cluster at {address} for {purpose}: {err}{hint}") from None
     log.info("joined the Ray cluster at %s for %s", address, purpose)
+
+
+def _without_job_env(env: dict[str, Any]) -> dict[str, Any]:
+    """``env`` less the variables a ``ray job submit`` runtime env already sets: Ray refuses a driver's runtime env that
+    names the same variable as its job's, even with the same value."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    job = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
+    taken = (job.get("runtime_env") or {}).get("env_vars") or {}
+    return {**env, "env_vars": {k: v for k, v in env["env_vars"].items() if k not in taken}}
 
 
 @contextlib.contextmanager
@@ -217,7 +243,21 @@ class LocalHead:
     temp_dir: str = ""
     _proc: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 120) -> LocalHead:
+    def start(self, timeout_s: float = 120, attempts: int = 3) -> LocalHead:
+        """Start the head; a start that fails (a free port taken by someone else before Ray bound it) is retried on new
+        ports, ``attempts`` times in all."""
+        for attempt in range(1, attempts + 1):
+            try:
+                self._start_once(timeout_s)
+                break
+            except HeadExited as err:
+                if attempt == attempts:
+                    raise
+                log.warning("%s; trying again on other ports", err)
+        log.info("started a local Ray head at %s (dashboard %s, token auth)", self.address, self.dashboard)
+        return self
+
+    def _start_once(self, timeout_s: float) -> None:
         ports = {flag: free_port() for flag in _PORT_FLAGS}
         dashboard_port = self.dashboard_port or free_port()
         self.temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths stay under 107 chars
@@ -229,21 +269,20 @@ class LocalHead:
             f"--dashboard-host={LOOPBACK}", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
             f"--num-cpus={self.num_cpus}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
         ]
-        env = {**env_with_this_python(), **local_token_env(), **self.env}
+        env = {**env_with_this_python(), **local_token_env(), **self.env, HEAD_MARK_ENV: self.temp_dir}
         log_path = self.log_path or Path(self.temp_dir) / "head.log"
         with open(log_path, "w") as out:
             self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self._wait(timeout_s, log_path)
-        log.info("started a local Ray head at %s (dashboard %s, token auth)", self.address, self.dashboard)
-        return self
 
     def _wait(self, timeout_s: float, log_path: Path) -> None:
         deadline = time.time() + timeout_s
         while dashboard_status(self.dashboard) != 200:
             if self._proc.poll() is not None:
-                raise ClusterError(f"ray start exited with {self._proc.returncode}; its output is in {log_path}")
+                self._kill_all()
+                raise HeadExited(f"ray start exited with {self._proc.returncode}; its output is in {log_path}")
             if time.time() > deadline:
-                self.stop()
+                self._kill_all()
                 raise ClusterError(f"the Ray dashboard did not answer at {self.dashboard}; see {log_path}")
             time.sleep(0.5)
 
@@ -252,21 +291,28 @@ class LocalHead:
         return self._proc.pid if self._proc else None
 
     def stop(self, grace_s: float = 3, timeout_s: float = 15) -> None:
-        """SIGTERM to the head's process group, SIGKILL to what is left after ``grace_s``: a ``ray start --block``
-        that is asked politely takes half a minute and leaves its agents behind."""
+        """SIGTERM to every process of this head, SIGKILL to what is left after ``grace_s`` (a ``ray start --block``
+        asked politely takes half a minute and leaves its agents behind). "Of this head": its process group, and any
+        process that carries the head's mark in its environment (Ray starts some workers in sessions of their own)."""
         if self._proc is None:
             return
-        pgid = self._proc.pid
+        self._kill_all(grace_s, timeout_s)
+        self._proc = None
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def _kill_all(self, grace_s: float = 3, timeout_s: float = 15) -> None:
         for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, timeout_s)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, sig)
+            for pid in self._processes():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
             deadline = time.time() + wait_s
-            while _group_alive(pgid) and time.time() < deadline:
+            while self._processes() and time.time() < deadline:
                 time.sleep(0.1)
                 self._proc.poll()  # reap the head itself
         self._proc.wait()
-        self._proc = None
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def _processes(self) -> list[int]:
+        return live_processes(pgid=self._proc.pid, env_mark=f"{HEAD_MARK_ENV}={self.temp_dir}")
 
     def __enter__(self) -> LocalHead:
         return self.start()
@@ -275,14 +321,19 @@ class LocalHead:
         self.stop()
 
 
-def _group_alive(pgid: int) -> bool:
-    """Whether any process of group ``pgid`` still runs (zombies waiting to be reaped do not count)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError):
-            state, _ppid, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
-            if int(group) == pgid and state != "Z":
-                return True
-    return False
+def live_processes(pgid: int | None = None, env_mark: str | None = None) -> list[int]:
+    """Running processes (zombies do not count) of process group ``pgid`` or with ``env_mark`` ("NAME=value") in their
+    environment."""
+    found = []
+    mark = env_mark.encode() if env_mark else None
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            state, _ppid, group = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+            if state == "Z":
+                continue
+            if int(group) == pgid or (mark and mark in (proc / "environ").read_bytes().split(b"\0")):
+                found.append(int(proc.name))
+    return found
 
 
 def ray_executable(name: str) -> str:

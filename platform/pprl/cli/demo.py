@@ -50,6 +50,7 @@ def _cluster(dashboard_port: int) -> Iterator[str]:
     """The dashboard URL of the cluster the jobs go to: ``RAY_ADDRESS`` when it is one, a cluster that answers on
     ``dashboard_port``, else a head started here (token auth, free ports) and stopped, with all it started, at the end."""
     address = os.environ.get("RAY_ADDRESS", "")
+    cluster.use_token_if_available()  # for `ray job submit` to a running cluster
     url = address if address.startswith("http") else f"http://{cluster.LOOPBACK}:{dashboard_port}"
     status = cluster.dashboard_status(url)
     if status == 401:
