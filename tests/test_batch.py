@@ -8,6 +8,7 @@ import json
 import os
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -145,6 +146,33 @@ def test_every_registered_job_kind_resolves_to_a_runner():
     assert all(callable(resolve_runner(kind)) for kind in JOB_KINDS)
     with pytest.raises(Rejected, match="unknown job kind 'nope'; available: footage, images"):
         resolve_runner("nope")
+
+
+def test_parts_become_visible_only_when_published_and_never_after_a_cancel(tmp_path):
+    """What a part-writing task leaves is hidden until the driver publishes it; once request_cancel() has returned,
+    publish() refuses, and remove_unpublished() clears the run's hidden files (pending parts, cut-short writes)."""
+    from pprl.serve.batch import Progress, done_sources, remove_unpublished, write_part
+
+    out = str(tmp_path / "out")
+    rows = [schema.error_row(f"s3://b/{i}.png", "unreadable", model_version="v1") for i in range(3)]
+
+    def written(run: str) -> tuple[str, int, int]:
+        summary = write_part(schema.to_table(rows), out, run).to_pylist()[0]
+        return summary["part"], summary["rows"], summary["errors"]
+
+    progress = Progress()
+    first = written("run1")
+    assert storage.list_files(out, (".parquet",)) == [] and done_sources(out) == set()  # hidden until published
+    assert progress.publish(*first)
+    assert storage.list_files(out, (".parquet",)) == progress.parts and len(done_sources(out)) == 3
+    second = written("run1")
+    (tmp_path / "out" / f".{Path(second[0]).name}.tmp").write_bytes(b"half")  # a write cut short by a kill
+    other_run = written("run2")
+    progress.request_cancel()
+    assert not progress.publish(*second) and progress.to_dict() == {**progress.to_dict(), "done": 0, "failed": 3, "parts": 1}
+    remove_unpublished(out, "run1")
+    left = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert left == sorted([Path(progress.parts[0]).name, Path(other_run[0]).name])  # another run's files are its own
 
 
 # --- the pipeline without HTTP -----------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Distributed training end to end: real `ray job submit` against a real `ray start --head`, 2 DDP workers on CPU (gloo).
 
 Each job trains cpu-quick for a few tiny steps; what is checked is the platform around the trainer: checkpoints and
-the model bundle in local or S3 storage, a worker crash that is survived, resuming by name, and collapse rollback.
+the model bundle in local or S3 storage, a worker crash that is survived (with either loader), resuming by name,
+collapse rollback (in one process and across ranks), and that after every epoch all ranks hold bit-identical parameters.
 """
 
 from __future__ import annotations
@@ -54,6 +55,33 @@ def checkpoints(run: str) -> list[str]:
     return sorted({Path(storage.strip_scheme(f)).parent.name for f in storage.list_files(run) if f.endswith("trainer.pt")})
 
 
+def checkpoint_digest(ckpt: str) -> str:
+    """Trainer.parameter_digest() of the trainer state in a checkpoint folder, computed here, outside the run."""
+    import torch
+
+    from pprl.config import Config
+    from pprl.train.distributed import STATE_FILE
+    from pprl.train.trainer import Trainer
+
+    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(ckpt, STATE_FILE))), map_location="cpu", weights_only=True)
+    trainer = Trainer(Config.from_dict(state["config"]), iter(()), device="cpu", steps_per_epoch=1)
+    trainer.load_state_dict(state)
+    return trainer.parameter_digest()
+
+
+def check_ranks_agree(run: str, last_checkpoint: str, world_size: int = 2) -> list[str]:
+    """Every epoch, every rank reported the same digest of all its parameters (networks, latent heads, weight
+    averages); the last one is that of the last checkpoint. Returns each epoch's digest."""
+    epochs = []
+    for row in metrics_rows(run):
+        digests = row["param_digests"].split()
+        assert len(digests) == world_size and len(set(digests)) == 1, f"ranks disagree after epoch {row['epoch']}: {digests}"
+        epochs.append(digests[0])
+    assert epochs[-1] == checkpoint_digest(last_checkpoint)
+    assert len(set(epochs)) == len(epochs)  # and the parameters did change from epoch to epoch
+    return epochs
+
+
 def check_run(run: str, epochs: int) -> None:
     rows = metrics_rows(run)
     assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))  # no epoch counted twice
@@ -64,6 +92,7 @@ def check_run(run: str, epochs: int) -> None:
     assert checkpoints(run)[-1] == f"epoch_{epochs:04d}"
     assert len(checkpoints(run)) <= 2  # --keep-checkpoints default
     ckpt = storage.join(run, checkpoints(run)[-1])
+    check_ranks_agree(run, ckpt)
     assert storage.exists(storage.join(ckpt, "rng-0.pt")) and storage.exists(storage.join(ckpt, "rng-1.pt"))
     for name in ("model.pt", "config.yaml", "bundle.json"):
         assert storage.exists(storage.join(run, "model", name)), name
@@ -89,15 +118,46 @@ def test_job_local_storage_then_resume_by_name(ray_head, small_data, tmp_path):
     check_run(run, epochs=3)
 
 
-def test_worker_crash_is_survived(ray_head, small_data, tmp_path):
-    """Rank 1 exits mid-epoch 2; Ray restarts the group from the epoch-1 checkpoint and the run ends at the right step."""
+def dali_installed() -> bool:
+    from pprl.data import dali
+
+    return dali.available()
+
+
+@pytest.mark.parametrize("loader", ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_installed(), reason="DALI is not installed"))])
+def test_worker_crash_is_survived(ray_head, small_data, tmp_path, loader):
+    """Rank 1 exits mid-epoch 2; Ray restarts the group from the epoch-1 checkpoint (new loader pipelines on every
+    rank, at epoch 2's data position) and the run ends at the right step."""
     store, name = str(tmp_path / "runs"), f"crash-{uuid.uuid4().hex[:6]}"
-    args = [*TINY, "--num-workers", "2", "--loader", "torch", "--data", small_data, "--storage", store, "--name", name, "--epochs", "2"]
+    args = [*TINY, "--num-workers", "2", "--loader", loader, "--data", small_data, "--storage", store, "--name", name, "--epochs", "2"]
     log = submit(ray_head, tmp_path, args, env={"PPRL_FAIL_AT_STEP": f"1:{STEPS + 1}"})
     run = storage.join(store, name)
     assert storage.exists(storage.join(run, f".fault-injected-rank1-step{STEPS + 1}"))
-    assert "rank 1 exits at step" in log and "resumed at epoch 1" in log
+    assert "rank 1 exits at step" in log and "resumed at epoch 1, step 2" in log  # from the checkpoint, not from scratch
     check_run(run, epochs=2)
+
+
+def test_collapse_on_one_rank_rolls_every_rank_back_to_the_same_checkpoint(ray_head, small_data, tmp_path):
+    """Rank 1 alone flags a collapse after epoch 2: both ranks roll back to the epoch-1 checkpoint (the same
+    parameters, bit for bit), reseed, replay epoch 2 and finish with identical parameters and a bundle."""
+    store, name = str(tmp_path / "runs"), f"rollback-{uuid.uuid4().hex[:6]}"
+    # patience 0: the detector itself stays quiet in so short a run, only the injected collapse counts
+    args = [*TINY, "--set", "train.collapse_patience=0", "--num-workers", "2", "--loader", "torch", "--keep-checkpoints", "3",
+            "--data", small_data, "--storage", store, "--name", name, "--epochs", "3"]
+    log = submit(ray_head, tmp_path, args, env={"PPRL_COLLAPSE_AT": "1:2"})
+    run = storage.join(store, name)
+    assert "rank 1 flags a collapse at epoch 2" in log and "rolled back to epoch 1 with seed 1" in log
+    assert checkpoints(run) == ["epoch_0001", "epoch_0002-r1", "epoch_0003-r1"]  # the collapsed epoch 2 was never kept
+    rows = metrics_rows(run)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3] and int(rows[-1]["step"]) == 3 * STEPS
+    per_epoch = check_ranks_agree(run, storage.join(run, "epoch_0003-r1"))
+    before = checkpoint_digest(storage.join(run, "epoch_0001"))
+    assert per_epoch[0] == before
+    run_state = json.loads(storage.read_text(storage.join(run, "epoch_0003-r1", "run_state.json")))
+    assert run_state["rollbacks"] == 1 and run_state["seed"] == 1
+    # each rank's own digest right after its rollback: both loaded the epoch-1 checkpoint's parameters
+    assert run_state["rollback_log"] == [{"collapsed_at": 2, "to_epoch": 1, "seed": 1, "param_digests": [before, before]}]
+    assert json.loads(storage.read_text(storage.join(run, "model", "bundle.json")))["step"] == 3 * STEPS
 
 
 @pytest.fixture

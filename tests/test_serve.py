@@ -286,23 +286,46 @@ def test_batch_job_over_s3_accounts_for_every_input_and_resumes(server, client, 
     assert storage.list_files(output, (".parquet",)) == parts  # nothing new written
 
 
+def local_files(folder: str) -> dict[str, int]:
+    """Every file under a local folder, hidden ones included, with its modification time (ns)."""
+    root = Path(folder)
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} if root.exists() else {}
+
+
 @pytest.mark.slow
-def test_cancel_queued_and_running_jobs_leaves_only_whole_parts(server, client, faces):
-    source = f"{server['bucket']}/cancel-in"
-    inputs = upload_inputs(source, faces)
-    first = client.post("/v1/jobs", json={"input": source, "output": f"{server['bucket']}/cancel/a"}).json()
-    second = client.post("/v1/jobs", json={"input": source, "output": f"{server['bucket']}/cancel/b"}).json()
-    clash = client.post("/v1/jobs", json={"input": source, "output": f"{server['bucket']}/cancel/a"})
+def test_cancel_queued_and_running_jobs_stops_writing_at_once(server, client, faces):
+    """A queued job is cancelled outright; a running one, cancelled after its first parts, ends `cancelled` (not
+    succeeded) with its output exactly as it was when DELETE returned: no part added or rewritten after, no
+    temporary or unpublished files left, and every part counted."""
+    images, _ = faces
+    source, output, queued_output = (Path(server["local"]) / "cancel" / name for name in ("in", "a", "b"))
+    source.mkdir(parents=True)
+    for i in range(1200):  # 150 parts of job_batch_size 8: still running when cancelled after the first
+        (source / f"face-{i:04d}.png").write_bytes(images[i % len(images)])
+    first = client.post("/v1/jobs", json={"input": str(source), "output": str(output)}).json()
+    second = client.post("/v1/jobs", json={"input": str(source), "output": str(queued_output)}).json()
+    clash = client.post("/v1/jobs", json={"input": str(source), "output": str(output)})
     assert clash.status_code == 409 and first["id"] in clash.text
     cancelled = client.delete(f"/v1/jobs/{second['id']}").json()
     assert cancelled["state"] == "cancelled"  # it was queued behind the first (one job at a time)
-    assert client.delete(f"/v1/jobs/{first['id']}").json()["state"] in ("cancelling", "cancelled", "succeeded")
-    status = wait_for(client, first["id"])
-    assert status["state"] in ("cancelled", "succeeded"), status
-    _, rows = read_output(f"{server['bucket']}/cancel/a") if storage.exists(f"{server['bucket']}/cancel/a") else ([], [])
+    deadline = time.time() + 180
+    while (status := client.get(f"/v1/jobs/{first['id']}").json())["counts"]["done"] == 0:
+        assert status["state"] in ("queued", "running") and time.time() < deadline, status
+        time.sleep(0.1)
+    answer = client.delete(f"/v1/jobs/{first['id']}").json()
+    at_cancel = local_files(str(output))
+    assert answer["state"] == "cancelling", answer  # it was running
+    status = wait_for(client, first["id"], timeout=60)
+    after = local_files(str(output))
+    assert status["state"] == "cancelled", status
+    assert 0 < status["counts"]["done"] < status["counts"]["total"] == 1200, status
+    visible = {name: mtime for name, mtime in at_cancel.items() if not name.startswith(".")}
+    assert after == visible, f"changed after the cancel: {sorted(set(after.items()) ^ set(visible.items()))}"
+    parts, rows = read_output(str(output))
+    assert status["counts"]["parts"] == len(parts) and status["counts"]["done"] + status["counts"]["failed"] == len(rows)
     sources = [r["source_uri"] for r in rows]
-    assert len(sources) == len(set(sources)) and set(sources) <= set(inputs)
-    assert not storage.exists(f"{server['bucket']}/cancel/b") or not storage.list_files(f"{server['bucket']}/cancel/b", (".parquet",))
+    assert len(sources) == len(set(sources)) and all(s.startswith(str(source)) for s in sources)
+    assert not local_files(str(queued_output))
 
 
 def test_serve_config_yaml_is_a_valid_deploy_config():

@@ -3,18 +3,23 @@
     sources (prefix listing or dataset manifest) minus sources already in the output
       -> fetch + header check + decode      (Ray Data tasks, CPU)
       -> Anonymizer.run                     (Ray Data actor pool, one model per actor, explicit integer batch size)
-      -> one Parquet part file per block    (tasks; each part written whole by pprl.storage.write_parquet)
+      -> one Parquet part file per block    (tasks; each part written whole by pprl.storage.write_parquet, hidden)
+      -> published by the driver            (renamed to part-*.parquet and counted, unless the job was cancelled)
 
 Every source ends up in exactly one row (or one row per face, for kinds that detect several): a file that cannot
 be read or decoded becomes a row with ``error`` set, never a failed job. A rerun with the same output prefix skips
 every source already present in a part file there, so an interrupted or cancelled job resumes where it stopped.
+Once a cancel has been requested (:meth:`Progress.request_cancel`) no part is published any more; the job stops its
+pipeline and removes what its tasks had written but not published.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -62,7 +67,7 @@ class JobRequest:
 
 @dataclass
 class Progress:
-    """Counts a running job reports; ``cancel`` is set by whoever wants it to stop (checked between blocks)."""
+    """Counts a running job reports; ``cancel`` is set by whoever wants it to stop (:meth:`request_cancel`)."""
 
     total: int = 0  # sources found at the input
     skipped: int = 0  # already present in the output before this run
@@ -71,6 +76,20 @@ class Progress:
     parts: list[str] = field(default_factory=list)  # part files written by this run
     cancel: threading.Event = field(default_factory=threading.Event)
     listener: Callable[[Progress], None] | None = None
+    _publishing: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def request_cancel(self) -> None:
+        """Ask the job to stop. When this returns, no further part of the images job becomes visible."""
+        with self._publishing:  # waits for a part being published right now
+            self.cancel.set()
+
+    def publish(self, pending: str, rows: int, errors: int) -> bool:
+        """Make a written part visible (:func:`publish_part`) and count it, unless a cancel was requested first."""
+        with self._publishing:
+            if self.cancel.is_set():
+                return False
+            self.add(publish_part(pending), rows, errors)
+            return True
 
     def add(self, part: str, rows: int, errors: int) -> None:
         self.parts.append(part)
@@ -194,13 +213,39 @@ def face_row(source_uri: str, face_index: int, result: Any, j: int, version: str
     }
 
 
+PENDING = ".pending"  # a written part that the driver has not published: hidden (dot name), not *.parquet
+
+
 def write_part(batch: pa.Table, output: str, run_id: str) -> pa.Table:
-    """Write one block as a whole part file (atomic); return what was written for the driver's counts."""
+    """Write one block as a whole (atomic) part file under a hidden name; return it and its counts for the driver,
+    which publishes it (or, once the job is cancelled, leaves it to :func:`remove_unpublished`)."""
     table = batch.cast(schema.RESULT_SCHEMA)
-    uri = storage.join(output, f"part-{run_id}-{storage.unique_suffix()}.parquet")
+    uri = storage.join(output, f".part-{run_id}-{storage.unique_suffix()}.parquet{PENDING}")
     storage.write_parquet(table, uri)
     errors = table.num_rows - table.column("error").null_count
     return pa.table({"part": [uri], "rows": [table.num_rows], "errors": [errors]})
+
+
+def publish_part(pending: str) -> str:
+    """``.part-X.parquet.pending`` -> ``part-X.parquet`` (a rename locally, copy and delete on S3); returns the part."""
+    fs, path = storage.filesystem(pending)
+    name = os.path.basename(path)[1 : -len(PENDING)]
+    fs.mv(path, f"{os.path.dirname(path)}/{name}")
+    return f"{pending.rsplit('/', 1)[0]}/{name}"
+
+
+def remove_unpublished(output: str, run_id: str) -> None:
+    """Delete this run's hidden files under ``output``: parts never published and temporary files of cut-short writes.
+
+    Call it once the pipeline has stopped (no task of this run writes any more)."""
+    fs, path = storage.filesystem(output)
+    if not fs.exists(path):
+        return
+    leftovers = [p for p in fs.find(path) if os.path.basename(p).startswith(".") and f"part-{run_id}-" in os.path.basename(p)]
+    for leftover in leftovers:
+        fs.rm(leftover)
+    if leftovers:
+        log.info("removed %d unpublished files of run %s from %s", len(leftovers), run_id, output)
 
 
 # --- driver ----------------------------------------------------------------------------------------------------
@@ -225,6 +270,7 @@ def run_images_job(request: JobRequest, progress: Progress | None = None) -> Pro
     _quiet_data_context()
     env = {"env_vars": storage.s3_env()} if storage.s3_env() else None
     blocks = max(1, min(len(items), math.ceil(len(items) / request.batch_size)))
+    this_run = run_id()
     ds = (
         ray.data.from_items(items, override_num_blocks=blocks)
         .map_batches(
@@ -244,14 +290,22 @@ def run_images_job(request: JobRequest, progress: Progress | None = None) -> Pro
             num_gpus=request.num_gpus or None,
             runtime_env=env,
         )
-        .map_batches(write_part, batch_format="pyarrow", batch_size=None, fn_kwargs={"output": request.output, "run_id": run_id()}, runtime_env=env)
+        .map_batches(write_part, batch_format="pyarrow", batch_size=None, fn_kwargs={"output": request.output, "run_id": this_run}, runtime_env=env)
     )
-    for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for part, rows, errors in zip(*(summary.column(c).to_pylist() for c in ("part", "rows", "errors")), strict=True):
-            progress.add(part, rows, errors)
-        if progress.cancel.is_set():
-            log.info("job writing to %s cancelled after %d parts", request.output, len(progress.parts))
-            break
+    complete = False
+    try:
+        # closing the iterator (at the end, on a cancel or an error) stops the pipeline and waits for its tasks
+        with contextlib.closing(iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))) as summaries:
+            for summary in summaries:
+                written = zip(*(summary.column(c).to_pylist() for c in ("part", "rows", "errors")), strict=True)
+                if not all(progress.publish(pending, rows, errors) for pending, rows, errors in written):  # stops at a refusal
+                    log.info("job writing to %s cancelled after %d parts", request.output, len(progress.parts))
+                    break
+            else:
+                complete = True
+    finally:
+        if not complete:
+            remove_unpublished(request.output, this_run)
     return progress
 
 

@@ -6,7 +6,8 @@ in the process that runs the job) or as a callable::
     def runner(request: JobRequest, progress: Progress) -> Progress | None
 
 A runner lists its inputs, skips those already in ``request.output``, writes Parquet parts in the face schema
-(``pprl.serve.schema``) and keeps ``progress`` current; it checks ``progress.cancel`` between blocks.
+(``pprl.serve.schema``) and keeps ``progress`` current; it checks ``progress.cancel`` between blocks (the images job
+publishes its parts through ``progress.publish``, so that nothing appears in its output once a cancel has returned).
 Another area adds its kind with one line here (or ``register_job_kind`` at import time of a module listed here).
 """
 
@@ -107,8 +108,8 @@ class JobManager:
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         job = self._job(job_id)
+        job.progress.request_cancel()
         with self._lock:
-            job.progress.cancel.set()
             if job.state == "queued":
                 job.state, job.finished_at = "cancelled", time.time()
             elif job.state == "running":

@@ -8,19 +8,23 @@ cluster needs around it:
   ``broadcast_buffers=False``), so BatchNorm buffers are synced once at the start, not re-broadcast on every forward
   of a net that runs several times per step. gloo on CPU, NCCL on GPU: Ray picks the backend, the code is the same.
 * input from DALI (or the plain DataLoader) sharded by global rank (:mod:`pprl.data.loader`);
-* per-epoch metrics averaged across ranks (images/s summed, GPU memory maxed), so every rank takes the same
-  collapse decision and the run folder's ``metrics.csv``/TensorBoard show the whole job;
+* per-epoch metrics averaged across ranks (images/s summed, GPU memory maxed), so the run folder's
+  ``metrics.csv``/TensorBoard show the whole job, and each rank's parameter digest (``param_digests``, in rank order:
+  the ranks agree when they are all equal; a disagreement is logged as an error);
 * one ``ray.train.report`` per epoch on every rank, each with a checkpoint (rank 0: the full trainer state; every
   rank: its own RNG streams), kept ``num_to_keep`` deep in ``{storage}/{name}/``;
 * resume from ``ray.train.get_checkpoint()`` after a crash (``FailureConfig(max_failures)``) or when a run of the same
   name is started again: networks, both optimisers, schedules, RNG, history and the data position (epoch) come back,
   so a crash costs at most the epoch in flight and no epoch is counted twice;
-* collapse: the first time the trainer flags it, every rank rolls back to the state before the bad streak and
-  continues with a new seed; the second time the run stops and the driver reports it as failed;
+* collapse: the ranks vote once per epoch (one rank's flag is every rank's decision); the first time, every rank
+  rolls back to the state before the bad streak and continues with a new seed (recorded in the checkpoint's
+  ``run_state.json``, with each rank's parameter digest after the rollback); the second time the run stops and the
+  driver reports it as failed;
 * at the end rank 0 exports the model bundle that ``Anonymizer.load`` reads to ``{storage}/{name}/model/``.
 
 ``PPRL_FAIL_AT_STEP=RANK:STEP`` makes that rank exit (as a crash would) once the trainer has done STEP steps; a
-marker in the run folder keeps the retry from failing again. It exists to test fault tolerance end to end.
+marker in the run folder keeps the retry from failing again. ``PPRL_COLLAPSE_AT=RANK:EPOCH`` makes that rank flag a
+collapse at the end of epoch EPOCH (before any rollback). They exist to test fault tolerance end to end.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from pprl.config import Config
 log = logging.getLogger(__name__)
 
 FAIL_ENV = "PPRL_FAIL_AT_STEP"
+COLLAPSE_ENV = "PPRL_COLLAPSE_AT"
 STATE_FILE = "trainer.pt"  # rank 0: Trainer.state_dict()
 RUN_STATE_FILE = "run_state.json"  # rank 0: seed and rollbacks of this run
 RNG_FILE = "rng-{rank}.pt"  # every rank: its own RNG streams
@@ -63,6 +68,7 @@ class TrainJob:
     max_failures: int = 2  # worker-group restarts before the run fails
     keep_checkpoints: int = 2  # CheckpointConfig(num_to_keep)
     fail_at: str | None = field(default_factory=lambda: os.environ.get(FAIL_ENV))
+    collapse_at: str | None = field(default_factory=lambda: os.environ.get(COLLAPSE_ENV))
 
     @property
     def run_uri(self) -> str:
@@ -122,8 +128,9 @@ def check_inputs(job: TrainJob, cfg: Config) -> None:
         raise ValueError(f"--num-workers must be >= 0, got {job.num_workers}")
     if job.loader not in ("auto", "dali", "torch"):
         raise ValueError(f"--loader must be auto, dali or torch, got {job.loader!r}")
-    if parse_fail_at(job.fail_at) and job.num_workers == 0:
+    if parse_rank_spec(job.fail_at, FAIL_ENV) and job.num_workers == 0:
         raise ValueError(f"{FAIL_ENV} needs Ray workers (--num-workers >= 1) to restart")
+    parse_rank_spec(job.collapse_at, COLLAPSE_ENV)
     dataset = load_dataset(job.data)
     check_dataset(cfg, dataset)
     per_worker = len(dataset.split("train")) // max(job.num_workers, 1)
@@ -134,13 +141,14 @@ def check_inputs(job: TrainJob, cfg: Config) -> None:
         )
 
 
-def parse_fail_at(spec: str | None) -> tuple[int, int] | None:
+def parse_rank_spec(spec: str | None, env: str) -> tuple[int, int] | None:
+    """``RANK:N`` of a fault-injection variable (``PPRL_FAIL_AT_STEP``, ``PPRL_COLLAPSE_AT``), None when unset."""
     if not spec:
         return None
-    rank, sep, step = spec.partition(":")
-    if not sep or not rank.isdigit() or not step.isdigit():
-        raise ValueError(f"{FAIL_ENV}={spec!r} must look like RANK:STEP, e.g. 1:4")
-    return int(rank), int(step)
+    rank, sep, n = spec.partition(":")
+    if not sep or not rank.isdigit() or not n.isdigit():
+        raise ValueError(f"{env}={spec!r} must look like RANK:N, e.g. 1:4")
+    return int(rank), int(n)
 
 
 # ----------------------------------------------------------------------------------------------------------- worker
@@ -184,7 +192,7 @@ class WorkerRun:
             seed=tc.seed,
             device=self.device,
         )
-        fail_at = parse_fail_at(job.fail_at)
+        fail_at = parse_rank_spec(job.fail_at, FAIL_ENV)
         if fail_at and fail_at[0] == self.rank:
             self.source.on_batch = lambda: self._maybe_fail(fail_at[1])
         self.trainer = Trainer(
@@ -199,6 +207,8 @@ class WorkerRun:
             metrics_hook=self._reduce_metrics,
         )
         self.rollbacks = 0
+        self.rollback_log: list[dict[str, Any]] = []  # one entry per rollback, kept in run_state.json
+        self.collapse_at = parse_rank_spec(job.collapse_at, COLLAPSE_ENV)
         self.recent: deque[bytes] = deque(maxlen=max(tc.collapse_patience, 0) + 1)
         self._tensorboard: tuple[Any, str] | None = None  # (SummaryWriter, local folder) for S3 runs
 
@@ -210,7 +220,7 @@ class WorkerRun:
             self.source.set_epoch(self.trainer.epoch)  # the data position: a resumed epoch replays its own batches
             metrics = self.trainer.train_epoch()
             self.mirror_tensorboard(metrics)
-            collapsed = bool(metrics["collapsed"])
+            collapsed = self.vote_on_collapse(metrics)
             gave_up = collapsed and self.rollbacks >= 1
             state = None if collapsed else serialize(self.trainer.state_dict())  # a collapsed state is never checkpointed
             self.report(metrics, state, gave_up)
@@ -229,15 +239,42 @@ class WorkerRun:
         if self._tensorboard is not None:
             self._tensorboard[0].close()
 
+    def vote_on_collapse(self, metrics: dict[str, Any]) -> bool:
+        """Collective (every rank, once per epoch): the run collapsed if any rank's detector says so.
+
+        The detector sees the same averaged metrics on every rank, so the ranks agree already; the vote makes sure of
+        it, since a rank that rolled back alone would train on with other weights than the rest."""
+        flag = bool(metrics["collapsed"])
+        if self.collapse_at == (self.rank, self.trainer.epoch) and self.rollbacks == 0:
+            log.warning("%s: rank %d flags a collapse at epoch %d", COLLAPSE_ENV, self.rank, self.trainer.epoch)
+            flag, metrics["collapse_reason"] = True, f"injected by {COLLAPSE_ENV}"
+        votes = torch.zeros(self.world_size, dtype=torch.float64, device=self.device)
+        votes[self.rank] = float(flag)
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(votes, op=dist.ReduceOp.SUM)
+        flagged = [rank for rank, vote in enumerate(votes.tolist()) if vote]
+        if flagged and not flag:
+            metrics["collapse_reason"] = f"collapse flagged by rank {', '.join(map(str, flagged))}"
+        metrics["collapsed"] = bool(flagged)
+        return bool(flagged)
+
     def roll_back(self) -> None:
         """Back to the state before the collapsed streak (the same on every rank), with a new seed."""
+        collapsed_at = self.trainer.epoch
         index = max(len(self.recent) - max(self.config.train.collapse_patience, 1), 0)
         while len(self.recent) > index + 1:  # later states belong to the collapsed streak
             self.recent.pop()
         self.trainer.load_state_dict(deserialize(self.recent[-1]))
         self.rollbacks += 1
         self.reseed(self.config.train.seed + 1)
-        log.warning("rolled back to epoch %d with seed %d", self.trainer.epoch, self.config.train.seed)
+        digests = self.rank_digests()
+        self.rollback_log.append({"collapsed_at": collapsed_at, "to_epoch": self.trainer.epoch, "seed": self.config.train.seed,
+                                  "param_digests": digests})
+        log.warning("rolled back to epoch %d with seed %d after a collapse at epoch %d", self.trainer.epoch, self.config.train.seed, collapsed_at)
+        if len(set(digests)) > 1 and self.rank == 0:
+            log.error("DDP ranks disagree on their parameters after the rollback: %s", " ".join(digests))
 
     def reseed(self, seed: int) -> None:
         self.config.train.seed = seed
@@ -246,10 +283,26 @@ class WorkerRun:
         self.trainer.generator.manual_seed(seed * 7919 + self.rank)
 
     # ------------------------------------------------------------------------------------------------- metrics
+    def rank_digests(self) -> list[str]:
+        """Collective: every rank's :meth:`Trainer.parameter_digest`, in rank order."""
+        own = torch.tensor(list(bytes.fromhex(self.trainer.parameter_digest())), dtype=torch.uint8, device=self.device)
+        if self.world_size == 1:
+            return [bytes(own.tolist()).hex()]
+        import torch.distributed as dist
+
+        everyone = [torch.empty_like(own) for _ in range(self.world_size)]
+        dist.all_gather(everyone, own)
+        return [bytes(t.tolist()).hex() for t in everyone]
+
     def _reduce_metrics(self, metrics: dict[str, Any]) -> None:
-        """Collective (every rank, once per epoch): losses/accuracies averaged, images/s summed, memory maxed."""
+        """Collective (every rank, once per epoch): losses/accuracies averaged, images/s summed, memory maxed, and
+        every rank's parameter digest (all equal while the ranks agree)."""
         metrics["images_per_s_worker"] = metrics["images_per_s"]
         metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else 0.0
+        digests = self.rank_digests()
+        metrics["param_digests"] = " ".join(digests)
+        if len(set(digests)) > 1 and self.rank == 0:
+            log.error("DDP ranks disagree on their parameters after epoch %d: %s", metrics["epoch"], metrics["param_digests"])
         if self.world_size == 1:
             return
         import torch.distributed as dist
@@ -296,7 +349,8 @@ class WorkerRun:
             torch.save(self.trainer.state_dict()["rng"], Path(tmp, RNG_FILE.format(rank=self.rank)))
             if self.rank == 0:
                 Path(tmp, STATE_FILE).write_bytes(state)
-                run_state = {"seed": self.config.train.seed, "rollbacks": self.rollbacks, "world_size": self.world_size}
+                run_state = {"seed": self.config.train.seed, "rollbacks": self.rollbacks, "world_size": self.world_size,
+                             "rollback_log": self.rollback_log}
                 Path(tmp, RUN_STATE_FILE).write_text(json.dumps(run_state))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(plain_metrics(metrics, gave_up), checkpoint=checkpoint, checkpoint_dir_name=name)
@@ -318,6 +372,7 @@ class WorkerRun:
                 state["rng"] = torch.load(own_rng, weights_only=True)
         self.trainer.load_state_dict(state)
         self.rollbacks = run_state["rollbacks"]
+        self.rollback_log = run_state.get("rollback_log", [])
         if run_state["world_size"] != self.world_size:  # another shape: fresh per-rank streams
             self.reseed(run_state["seed"])
         else:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import logging
 import math
@@ -485,6 +486,22 @@ class Trainer:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         if "data" in state and hasattr(self._source, "load_state_dict"):
             self._source.load_state_dict(state["data"])
+
+    def parameter_digest(self) -> str:
+        """sha256 (hex) of every trained parameter: the networks, the optional latent heads and the weight averages.
+
+        Under DDP every rank must hold the same value after each step (identical initial weights, averaged gradients);
+        BatchNorm statistics are left out, since each rank keeps its own (``forward_sync_buffers=False``)."""
+        parts = {"encoder": self.encoder, "decoder": self.decoder, "discriminator": self.disc,
+                 "latent_adv": self.latent_adv, "latent_exp": self.latent_exp}
+        if self.ema is not None:
+            parts |= {f"ema.{name}": module for name, module in self.ema.averaged.items()}
+        digest = hashlib.sha256()
+        for part, module in parts.items():
+            for name, param in module.named_parameters() if module is not None else []:
+                digest.update(f"{part}.{name}".encode())
+                digest.update(param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     def networks(self) -> dict[str, nn.Module]:
         """The plain (unwrapped) networks that make a bundle (the weight-averaged encoder and decoder when enabled)."""
