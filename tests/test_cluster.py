@@ -114,17 +114,3 @@ def test_joining_a_token_cluster_needs_its_token_and_says_where_to_put_it(ray_he
     assert refused.returncode != 0
     assert "ClusterError" in refused.stderr and ray_head["address"] in refused.stderr
     assert "~/.ray/auth_token" in refused.stderr and cluster.TOKEN_PATH_ENV in refused.stderr
-
-
-def test_a_local_head_stops_exactly_what_it_started(tmp_path):
-    bystander = cluster.LocalHead(num_cpus=1).start()
-    try:
-        with cluster.LocalHead(num_cpus=1) as head:
-            assert cluster.dashboard_status(head.dashboard) == 200
-            ours = head.pid
-            token = Path(os.environ[cluster.TOKEN_PATH_ENV])
-            assert token.stat().st_mode & 0o777 == 0o600
-        assert not cluster.live_processes(pgid=ours)
-        assert cluster.dashboard_status(bystander.dashboard) == 200, "stopping one head stopped another"
-    finally:
-        bystander.stop()
