@@ -147,6 +147,22 @@ def judges(synth_data, trained_model):
     return train_judges(synth_data, int(bundle_info(trained_model)["image_size"]), epochs=6, batch_size=32, processes=2)
 
 
+@pytest.fixture(scope="session")
+def untrained_bundle(tmp_path_factory) -> str:
+    """A cpu-quick bundle with freshly initialised (seeded) weights: a real bundle in a second, for plumbing tests."""
+    import torch
+
+    from pprl.config import load_config
+    from pprl.models.networks import build_networks
+    from pprl.train.export import NETWORKS, write_bundle
+
+    torch.manual_seed(0)
+    config = load_config("cpu-quick")
+    out = str(tmp_path_factory.mktemp("untrained") / "bundle")
+    write_bundle(out, config, dict(zip(NETWORKS, build_networks(config.model), strict=True)))
+    return out
+
+
 def train_quick_model(data: str, out: str) -> str:
     """Train the cpu-quick preset on ``data`` in this process and export its bundle to ``out``; returns ``out``.
 
