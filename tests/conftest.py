@@ -11,13 +11,23 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
 from pprl import cluster
 
 REPO = Path(__file__).resolve().parents[1]
-# torch's OpenMP threads otherwise spin between ops: on 2 cores shared with a Ray head they slow training down ~2x
-# (bench/README.md). Read when torch loads, which is after this file.
+# OpenMP reads its wait policy once, when torch loads libgomp (imported above). This process trains the session model alone, where
+# spinning threads are faster (PASSIVE measured 0.31 against 0.26 s per cpu-quick step on 2 idle cores); the
+# processes it starts (Ray workers, CLI jobs) share the 2 cores with a Ray head and others, so they get PASSIVE.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The first test that asks for the session model trains it (about 15-20 min on 2 cores): those tests get this long.
+MODEL_TEST_TIMEOUT_S = 2700
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "trained_model" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.timeout(MODEL_TEST_TIMEOUT_S))
 
 
 free_port = cluster.free_port
@@ -147,8 +157,6 @@ def train_quick_model(data: str, out: str) -> str:
 
     The run folder (sample grids, metrics.csv, checkpoint) is ``out``'s sibling ``run/``.
     """
-    import torch
-
     from pprl.config import load_config
     from pprl.train.local import train_local
 

@@ -203,6 +203,8 @@ def test_anonymize_images_cli_over_a_dataset_manifest_stores_inputs_on_request_a
         first = run_cli(main, args, capsys)
         parts = storage.list_files(out, (".parquet",))
         second = run_cli(main, args, capsys)
+        override = str(tmp_path / "override")
+        run_cli(main, [*args[:4], override, *args[5:], "--export-unaudited-latent"], capsys)
     finally:
         ray.shutdown()
     assert first == {"output": out, "total": 42, "skipped": 0, "done": 42, "failed": 0, "parts": len(parts)}
@@ -214,3 +216,8 @@ def test_anonymize_images_cli_over_a_dataset_manifest_stores_inputs_on_request_a
         assert Image.open(io.BytesIO(row["image"])).format == "PNG" and row["error"] is None
     assert second == {"output": out, "total": 42, "skipped": 42, "done": 0, "failed": 0, "parts": 0}
     assert storage.list_files(out, (".parquet",)) == parts
+    assert all(r["latent"] is None for r in rows)  # CI's model has no privacy audit: the latent column stays null
+    assert {schema.latent_record(pq.read_schema(p))["audit"] for p in parts} == {"missing"}
+    overridden = storage.list_files(override, (".parquet",))
+    assert all(len(r["latent"]) == 64 for p in overridden for r in pq.read_table(p).to_pylist())  # the operator's choice
+    assert all(schema.latent_record(pq.read_schema(p))["override"] for p in overridden)  # and it says so

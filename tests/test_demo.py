@@ -51,6 +51,9 @@ def test_demo_on_a_fresh_machine_reaches_the_report_and_cleans_up(ray_head, tmp_
     report = json.loads((out / "report" / "report.json").read_text())
     assert report["rows"], "the report has no attack scenario"
     assert (out / "runs" / "demo" / "model" / "bundle.json").is_file()
+    verdict = "PASSED" if report["audit"]["passed"] else "FAILED"
+    assert f"privacy audit: {verdict}" in proc.stdout.rsplit("outputs:", 1)[-1], "the demo does not end with the verdict"
+    assert (out / "runs" / "demo" / "model" / "privacy_audit.json").is_file(), "the audit is not attached to the bundle"
     assert "starting a private Ray head" in log and "stopping the Ray head this demo started" in log
     assert not (home / ".ray" / "auth_token").exists(), "the demo's token belongs in a private 0600 file, not ~/.ray"
     assert processes_with_home(home) == [], "the demo left processes behind"

@@ -2,12 +2,14 @@
 
 data (synthetic FERG-like set) -> a Ray cluster (a running one on the dashboard port is joined, else a private head is
 started with token authentication and stopped at the end) -> ``ray job submit jobs/train.py --preset cpu-quick`` ->
-``ray job submit jobs/evaluate.py`` (the paper's attacks, Table-1 style) -> where everything is.
+``ray job submit jobs/evaluate.py`` (the paper's attacks, Table-1 style, and the attack suite, whose verdict is attached
+to the bundle) -> where everything is, and the privacy audit's verdict.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -100,6 +102,17 @@ def _summary(data_uri: str, root: str, report: str) -> None:
     typer.echo(f"  sample grids  {storage.join(root, 'runs', 'demo', 'samples')}")
     files = "report.md, report.json, predictions.parquet, privacy_utility.png, morph.png, completion.png"
     typer.echo(f"  report        {report} ({files})")
+    _verdict(report)
+
+
+def _verdict(report: str) -> None:
+    """The privacy audit's verdict, last: it decides whether serving, batch jobs and footage may export the latent."""
+    from pprl.evaluate.attacks import verdict_lines
+
+    for line in verdict_lines(json.loads(storage.read_text(storage.join(report, "report.json")))):
+        typer.echo(line)
+    typer.echo("  (attached to the bundle as privacy_audit.json; serving, batch jobs and footage export the latent only "
+               "when it passed: docs/evaluation.md, \"The privacy gate\")")  # fmt: skip
 
 
 def register(app: typer.Typer) -> None:

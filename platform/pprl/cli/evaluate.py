@@ -22,7 +22,29 @@ def evaluate(
     train_limit: int = typer.Option(None, "--train-limit", help="Use at most N training images (stratified); 0 = all."),
     epochs: int = typer.Option(None, "--epochs", help="Epochs of the paper's classifiers (default 10)."),
     strong: bool = typer.Option(True, "--strong/--no-strong", help="Also run the stronger attackers (ResNet + augmentation, deeper MLP)."),
-    strong_epochs: int = typer.Option(None, "--strong-epochs", help="Epochs of the stronger attackers (paper 30, quick 15)."),
+    strong_epochs: int = typer.Option(
+        None, "--strong-epochs", help="Most epochs of the stronger attackers (paper 60, quick 30)."
+    ),
+    patience: int = typer.Option(
+        None, "--patience", help="Early stopping of the stronger attackers and the suite (paper 10, quick 8)."
+    ),
+    suite: bool = typer.Option(
+        True, "--attack-suite/--no-attack-suite", help="Run the attack suite, each attack judged by its bar."
+    ),
+    probe_epochs: int = typer.Option(
+        None, "--probe-epochs", help="Most epochs of the suite's latent probes (paper 300, quick 200)."
+    ),
+    inverter_epochs: int = typer.Option(
+        None, "--inverter-epochs", help="Most epochs of the inversion attack's network (paper 60, quick 20)."
+    ),
+    strict: bool = typer.Option(
+        False, "--strict", help="Exit 1 when an attack misses its bar (the report is still written)."
+    ),
+    attach_audit: bool = typer.Option(
+        True, "--attach-audit/--no-attach-audit",
+        help="Write the suite's verdict into the bundle (privacy_audit.json): serving, batch jobs and footage "
+        "export the latent only from a bundle whose audit passed.",
+    ),  # fmt: skip
     seed: int = typer.Option(0, "--seed", help="Seed of targets, subsample, validation split and classifier init."),
     allow_source_target: bool = typer.Option(False, "--allow-source-target", help="Let the random target be the source identity."),
     sample: bool = typer.Option(False, "--sample", help="Anonymise with a sampled latent instead of its mean."),
@@ -31,22 +53,36 @@ def evaluate(
     device: str = typer.Option(None, "--device", help="Device of the anonymiser (default: cuda if available)."),
     apps: bool = typer.Option(True, "--applications/--no-applications", help="Also write morph.png and completion.png."),
 ) -> None:
-    """Measure privacy (identity accuracy, lower is better) vs utility (expression accuracy) in the paper's scenarios."""
+    """Measure privacy (identity accuracy, lower is better) vs utility (expression accuracy) in the paper's scenarios,
+    then run the attack suite against its bars and attach the verdict to the bundle."""
     from pprl.data.dataset import load_dataset
+    from pprl.evaluate.attacks import verdict_lines
     from pprl.evaluate.report import table
     from pprl.evaluate.run import run_evaluation
     from pprl.evaluate.scenarios import options_for
 
-    options = options_for(
-        profile, train_limit=train_limit, paper_epochs=epochs, strong=strong, strong_epochs=strong_epochs, seed=seed,
-        allow_source_target=allow_source_target, sample=sample, gpus_per_task=gpus_per_task, applications=apps,
-    )  # fmt: skip
+    if strict and not suite:
+        raise typer.BadParameter("--strict judges the attack suite: drop --no-attack-suite")
+    try:
+        options = options_for(
+            profile, train_limit=train_limit, paper_epochs=epochs, strong=strong, strong_epochs=strong_epochs,
+            patience=patience, suite=suite, probe_epochs=probe_epochs, inverter_epochs=inverter_epochs, seed=seed,
+            allow_source_target=allow_source_target, sample=sample, gpus_per_task=gpus_per_task, applications=apps,
+        )  # fmt: skip
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
     out = out or storage.join(model, "evaluation")
-    report, _, files = run_evaluation(_load_model(model, device), load_dataset(data), out, options, use_ray=use_ray, model_uri=model)
+    anonymizer, dataset = _load_model(model, device), load_dataset(data)
+    report, _, files = run_evaluation(anonymizer, dataset, out, options, use_ray, model, attach_audit)
     typer.echo(table(report))
     for flag in report["privacy_flags"]:
         typer.echo(f"WARNING: {flag}")
-    typer.echo(f"report: {files['report.md']}")
+    for line in verdict_lines(report):
+        typer.echo(line)
+    attached = f"; audit attached: {files['privacy_audit.json']}" if "privacy_audit.json" in files else ""
+    typer.echo(f"report: {files['report.md']}{attached}")
+    if strict and not report["audit"]["passed"]:
+        raise typer.Exit(code=1)
 
 
 def morph(

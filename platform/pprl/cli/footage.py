@@ -32,6 +32,10 @@ def anonymize_footage_command(
     crf: int = typer.Option(18, "--crf", help="Video quality of the re-encoded picture (x264/vp9 CRF; lower is better)."),
     codec: str = typer.Option(None, "--codec", help="Video encoder (default libx264; libvpx-vp9 for .webm)."),
     retry_errors: bool = typer.Option(False, "--retry-errors", help="Process again the videos that failed in an earlier run."),
+    export_unaudited_latent: bool = typer.Option(
+        False, "--export-unaudited-latent",
+        help="Write the latent into faces.parquet although the bundle's privacy audit did not pass (recorded there).",
+    ),  # fmt: skip
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Anonymise archived footage: detect, track and replace every face, keep the audio, write per-face Parquet."""
@@ -46,6 +50,7 @@ def anonymize_footage_command(
             max_gap=max_gap,
             use_gpu=use_gpu,
             encode=EncodeOptions(codec=codec, crf=crf),
+            export_unaudited_latent=export_unaudited_latent,
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None

@@ -27,6 +27,11 @@ def serve_command(
     settings: str | None = typer.Option(None, "--settings", help="YAML mapping of server settings (the `args` of serve_config.yaml)."),
     num_gpus: float | None = typer.Option(None, help="GPUs per model replica."),
     max_batch_size: int | None = typer.Option(None, help="Largest dynamic batch of the model deployment."),
+    export_unaudited_latent: bool = typer.Option(
+        False, "--export-unaudited-latent",
+        help="Return the latent (details=true, batch jobs) although the bundle's privacy audit did not pass; every "
+        "output records the override.",
+    ),  # fmt: skip
 ) -> None:
     """Serve the online (/v1/anonymize) and batch (/v1/jobs) endpoints; the token comes from PPRL_API_TOKEN."""
     from ray import serve
@@ -37,6 +42,8 @@ def serve_command(
     values.update({"model_uri": model, "insecure_local": insecure_local or values.get("insecure_local", False)})
     if allow:
         values["allowed_prefixes"] = list(allow)
+    if export_unaudited_latent:
+        values["export_unaudited_latent"] = True
     for name, value in (("num_gpus", num_gpus), ("max_batch_size", max_batch_size)):
         if value is not None:
             values[name] = value
@@ -72,6 +79,10 @@ def anonymize_images(
     store_inputs: bool = typer.Option(False, "--store-inputs", help="Also keep the original image bytes (input_image column)."),
     max_pixels: int = typer.Option(security.Limits.max_pixels, help="Largest input image (width x height) accepted."),
     address: str | None = typer.Option(None, "--address", help="Ray cluster to join; default: start a local one."),
+    export_unaudited_latent: bool = typer.Option(
+        False, "--export-unaudited-latent",
+        help="Fill the latent column although the bundle's privacy audit did not pass (each part file records it).",
+    ),  # fmt: skip
 ) -> None:
     """Anonymise a folder or bucket of face images into Parquet with Ray Data (the pipeline behind POST /v1/jobs)."""
     from tqdm import tqdm
@@ -90,6 +101,7 @@ def anonymize_images(
         device=device,
         max_pixels=max_pixels,
         pseudonym_secret=security.pseudonym_secret(os.environ.get(security.TOKEN_ENV)),
+        export_unaudited_latent=export_unaudited_latent,
     )
     cluster.connect(address, purpose="the images job")
     with tqdm(unit="img", desc="anonymize") as bar:

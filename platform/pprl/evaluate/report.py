@@ -123,8 +123,47 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     flags = report.get("privacy_flags") or []
     parts += ["", "**Privacy flags:** none" if not flags else "**Privacy flags:**", *(f"- WARNING: {flag}" for flag in flags)]
-    parts += _linkage_md(report) + _target_md(report) + _extras_md(report)
+    parts += _suite_md(report) + _linkage_md(report) + _target_md(report) + _extras_md(report)
     return "\n".join(parts) + "\n"
+
+
+def _suite_md(report: dict[str, Any]) -> list[str]:
+    attacks = report.get("attacks") or []
+    if not attacks:
+        return []
+    lines = [
+        "", "## Attack suite (the privacy audit)", "",
+        "Every attacker is trained on the training split with true source identities and scored on the test split. "
+        "Bars: latent probes <= chance + 5 points; attack 2, inversion and linkage <= chance + 10 points; "
+        "expression >= 90 %.",
+        "", "| Attack | What | Figure | Bar | Chance | Pass | Seconds (CPU) |", "|---|---|---:|---:|---:|:---:|---:|",
+    ]  # fmt: skip
+    for a in attacks:
+        cells = [a["name"], a["title"], _pct(a["figure"]), f"{a['op']} {_pct(a['bar'])}", _pct(a["chance"])]
+        spent = f"{a['seconds']} ({a['cpu_seconds']})"
+        lines.append("| " + " | ".join([*cells, "pass" if a["pass"] else "**FAIL**", spent]) + " |")
+    audit = report["audit"]
+    verdict = "PASSED" if audit["passed"] else f"FAILED ({', '.join(audit['failed'])})"
+    return [*lines, "", f"**Verdict: {verdict}**", *_suite_details(attacks)]
+
+
+def _suite_details(attacks: list[dict[str, Any]]) -> list[str]:
+    by_name = {a["name"]: a for a in attacks}
+    lines = [""]
+    if "attack-2" in by_name:
+        readers = ", ".join(f"{arch} {_pct(v)}" for arch, v in by_name["attack-2"]["attackers"].items())
+        lines.append(f"- Attack 2 per attacker: {readers}.")
+    if "inversion" in by_name:
+        inv = by_name["inversion"]
+        readers = ", ".join(f"{arch} {_pct(v)}" for arch, v in inv["readers"].items())
+        lines.append(f"- Inversion: the unconstrained classifiers read the reconstructions at {readers} "
+                     f"(inverter validation pixel score {inv['val_pixel_score']:.3f}, 1 = exact).")  # fmt: skip
+    if "linkage" in by_name:
+        link = by_name["linkage"]
+        spaces = ", ".join(f"{name} {_pct(v)}" for name, v in link["spaces"].items())
+        lines.append(f"- Linkage top-1 per feature space: {spaces}; a matcher that sees only the target identity: "
+                     f"{_pct(link['target_only'])}.")  # fmt: skip
+    return lines
 
 
 def _linkage_md(report: dict[str, Any]) -> list[str]:
@@ -165,9 +204,11 @@ def _extras_md(report: dict[str, Any]) -> list[str]:
         )
     if report.get("applications", {}).get("morph"):
         lines.append(f"- Expression morph: `morph.png` ({report['applications']['morph']})." )
-    lines += ["", "## Classifiers", "", "| Job | Arch | Best epoch | Validation acc. | Seconds |", "|---|---|---:|---:|---:|"]
+    lines += ["", "## Classifiers", "", "| Job | Arch | Best epoch | Validation acc. | Seconds (CPU) |", "|---|---|---:|---:|---:|"]
     for key, c in report["classifiers"].items():
-        lines.append(f"| {key} | {c['spec']['arch']} | {c['best_epoch']}/{c['spec']['epochs']} | {_pct(c['val_accuracy'])} | {c['seconds']} |")
+        epochs = f"{c['best_epoch']}/{len(c['history']) if c['spec']['patience'] else c['spec']['epochs']}"
+        cells = [key, c["spec"]["arch"], epochs, _pct(c["val_accuracy"]), f"{c['seconds']} ({c['cpu_seconds']})"]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Times (s): " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items())]
     return lines
 

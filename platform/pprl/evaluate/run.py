@@ -10,8 +10,10 @@ from typing import Any
 from pprl import storage
 from pprl.data.dataset import MANIFEST, Dataset, encode_png
 from pprl.evaluate import applications as apps
+from pprl.evaluate.attacks import audit_record
 from pprl.evaluate.report import build_report, write_report
 from pprl.evaluate.scenarios import EvalOptions, Evaluation, evaluate, stratified_subsample
+from pprl.train.export import INFO, write_audit
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +69,34 @@ def run_evaluation(
     options: EvalOptions | None = None,
     use_ray: bool = True,
     model_uri: str | None = None,
+    attach_audit: bool = False,
 ) -> tuple[dict[str, Any], Evaluation, dict[str, str]]:
-    """Evaluate ``model`` (anything with the Anonymizer interface), write the report folder, return (report, evaluation, files)."""
+    """Evaluate ``model`` (anything with the Anonymizer interface), write the report folder, return
+    (report, evaluation, files).
+
+    ``attach_audit``: also write the attack suite's verdict into the bundle at ``model_uri`` (``privacy_audit.json``,
+    listed in files when written)."""
     options = options or EvalOptions()
     evaluation = evaluate(model, dataset, options, use_ray=use_ray)
     app_summary, images = applications(model, dataset) if options.applications else ({}, {})
     report = build_report(evaluation, model_info(model, model_uri), data_info(dataset, options), app_summary)
     files = write_report(out, report, evaluation, images)
     log.info("evaluation report written to %s", out)
+    if attach_audit and model_uri and report["attacks"]:
+        audit = _attach_audit(model_uri, report, out)
+        files.update({"privacy_audit.json": audit} if audit else {})
     return report, evaluation, files
+
+
+def _attach_audit(model_uri: str, report: dict[str, Any], out: str) -> str | None:
+    """Write the audit into the bundle; one that cannot take it (not a bundle, read-only) is a warning, not an error."""
+    if not storage.exists(storage.join(model_uri, INFO)):
+        log.warning("%s is not a bundle folder: the privacy audit stays in the report only", model_uri)
+        return None
+    try:
+        uri = write_audit(model_uri, audit_record(report, out))
+    except (OSError, storage.StorageError) as err:
+        log.warning("cannot write the privacy audit into %s (%s): it stays in the report only", model_uri, err)
+        return None
+    log.info("privacy audit (%s) attached to %s", "passed" if report["audit"]["passed"] else "failed", uri)
+    return uri

@@ -1,4 +1,5 @@
-"""The privacy-vs-utility evaluation: the paper's three attack scenarios, stronger attackers, linkage, target success.
+"""The privacy-vs-utility evaluation: the paper's three attack scenarios, stronger attackers, linkage, target success,
+and the attack suite with its bars (``pprl.evaluate.attacks``).
 
 Works on any object with the ``Anonymizer`` interface (``image_size``, ``num_identities``, ``run``,
 ``predict_expression``; ``morph``/``complete`` for the applications), so a deliberately non-anonymising stand-in
@@ -6,8 +7,9 @@ goes through exactly the same code as a trained model.
 
 Flow: load the dataset at the model's size -> anonymise train and test images once, each with a random target
 identity (never the source's own unless asked) -> put the arrays into Ray's object store once -> train every
-classifier ("job") as its own Ray task (or in-process with ``use_ray=False``) -> score the scenarios from the jobs'
-test predictions.
+classifier ("job") as its own Ray task (or in-process with ``use_ray=False``) -> score the scenarios and the attack
+suite from the jobs' test predictions (the inversion attack's reconstructions are read by the returned classifiers
+trained on originals).
 """
 
 from __future__ import annotations
@@ -23,7 +25,18 @@ import torch
 from tqdm import tqdm
 
 from pprl.data.dataset import Dataset
-from pprl.evaluate.classifiers import FitSpec, accuracy, fit, paper_spec, strong_spec, torch_threads
+from pprl.evaluate import attacks
+from pprl.evaluate.classifiers import (
+    FitSpec,
+    accuracy,
+    fit,
+    inverter_spec,
+    paper_spec,
+    probe_spec,
+    strong_spec,
+    torch_threads,
+    with_code_channel,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +50,9 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "attack-3": ("latent", "latent"),
 }
 PAPER, STRONG = "paper", "strong"
-RELATIVE_COST = {"resnet": 2.0, "paper-cnn": 1.0, "mlp-deep": 0.05, "paper-mlp": 0.02}  # per epoch, to schedule long jobs first
+# per epoch, to schedule long jobs first
+RELATIVE_COST = {"inverter": 3.0, "resnet": 2.0, "paper-cnn": 1.0, "mlp-deep": 0.05, "mlp-wide": 0.05,
+                 "paper-mlp": 0.02, "linear": 0.01, "knn": 0.01}  # fmt: skip
 FLAG_FRACTION = 0.5  # privacy_flags: an attack above chance + this share of (unconstrained - chance) is flagged
 ARCHS = {PAPER: {"image": "paper-cnn", "latent": "paper-mlp"}, STRONG: {"image": "resnet", "latent": "mlp-deep"}}
 
@@ -51,7 +66,11 @@ class EvalOptions:
     paper_epochs: int = 10  # the authors' classifiers: SGD 0.005, momentum 0.9, Nesterov
     paper_batch: int = 256  # the authors' batch size
     strong: bool = True  # also run the stronger attackers (ResNet + augmentation, deeper MLP) for identity
-    strong_epochs: int = 30
+    strong_epochs: int = 60  # at most; they train to convergence (``patience``)
+    patience: int = 10  # early stopping (stronger attackers, suite): epochs without a better validation score
+    suite: bool = True  # the attack suite with its bars: latent probes, inversion, linkage (pprl.evaluate.attacks)
+    probe_epochs: int = 300  # at most, for the suite's latent probes
+    inverter_epochs: int = 60  # at most, for the inversion attack's network
     seed: int = 0  # targets, subsample, validation split, classifier init
     allow_source_target: bool = False  # True: targets drawn from all identities, the source's own included
     sample: bool = False  # anonymise with a sampled z instead of the latent mean
@@ -60,14 +79,20 @@ class EvalOptions:
     applications: bool = True  # also write morph.png and completion.png into the report folder
 
     def __post_init__(self) -> None:
-        if self.train_limit < 0 or self.paper_epochs < 1 or self.strong_epochs < 1 or self.paper_batch < 1:
-            raise ValueError("train_limit must be >= 0; paper_epochs, strong_epochs and paper_batch >= 1")
+        epochs = (self.paper_epochs, self.strong_epochs, self.probe_epochs, self.inverter_epochs, self.paper_batch)
+        if self.train_limit < 0 or self.patience < 0 or min(epochs) < 1:
+            raise ValueError("train_limit and patience must be >= 0; paper_epochs, strong_epochs, probe_epochs, "
+                             "inverter_epochs and paper_batch >= 1")  # fmt: skip
+        if self.suite and not self.strong:
+            raise ValueError("the attack suite needs the stronger attackers (its attack 2 is the ResNet): keep "
+                             "them, or turn the suite off too (--no-attack-suite)")  # fmt: skip
 
 
 PROFILES: dict[str, EvalOptions] = {
     "paper": EvalOptions(),
     # CI / the 15-minute demo: ~2.4k training images; batch 64 keeps the number of SGD steps near the paper's.
-    "quick": EvalOptions(profile="quick", train_limit=2400, paper_batch=64, strong_epochs=15),
+    "quick": EvalOptions(profile="quick", train_limit=2400, paper_batch=64, strong_epochs=30, patience=8,
+                         probe_epochs=200, inverter_epochs=20),
 }
 
 
@@ -79,14 +104,17 @@ def options_for(profile: str, **overrides: Any) -> EvalOptions:
 
 @dataclass(frozen=True)
 class Job:
-    """One classifier: trained on ``train`` inputs for ``task``, then asked about each test input in ``tests``."""
+    """One classifier: trained on ``train`` inputs for ``task``, then asked about each test input in ``tests``.
 
-    attacker: str  # paper | strong
-    task: str  # identity | expression
-    train: str  # orig | anon | latent
+    The inverter's task is ``reconstruct``: its labels are the original images, its test outputs reconstructions."""
+
+    attacker: str  # paper | strong | probe-<arch> | inverter
+    task: str  # identity | expression | reconstruct
+    train: str  # orig | anon | latent | anon+code (anonymised images with their target code, see with_code_channel)
     tests: tuple[str, ...]
     spec: FitSpec
     features: bool = False  # also return penultimate features of test orig and anon images (linkage attack)
+    keep_model: bool = False  # also return the trained classifier itself (it reads the inversion's reconstructions)
 
     @property
     def key(self) -> str:
@@ -108,7 +136,7 @@ class EvalData:
 
 
 def plan_jobs(options: EvalOptions) -> list[Job]:
-    """The paper's classifiers for both tasks in every scenario, plus the stronger attackers for identity."""
+    """The paper's classifiers for both tasks in every scenario, the stronger attackers for identity, the suite's."""
     jobs = []
     attackers = [PAPER, STRONG] if options.strong else [PAPER]
     for attacker in attackers:
@@ -119,23 +147,53 @@ def plan_jobs(options: EvalOptions) -> list[Job]:
                 spec = (
                     replace(paper_spec(arch, options.paper_epochs, options.seed), batch_size=options.paper_batch)
                     if attacker == PAPER
-                    else strong_spec(arch, options.strong_epochs, options.seed)
+                    else strong_spec(arch, options.strong_epochs, options.seed, options.patience)
                 )
                 features = task == "identity" and train != "latent"
-                jobs.append(Job(attacker, task, train, tests, spec, features))
-    return jobs
+                keep = options.suite and features and train == "orig"  # the inversion's readers
+                jobs.append(Job(attacker, task, train, tests, spec, features, keep))
+    return jobs + (suite_jobs(options) if options.suite else [])
+
+
+def suite_jobs(options: EvalOptions) -> list[Job]:
+    """The attack suite's own classifiers: latent probes (identity, and expression for utility) and the inverter."""
+    def probe(arch: str, task: str) -> Job:
+        spec = probe_spec(arch, options.probe_epochs, options.patience, options.seed)
+        return Job(f"probe-{arch}", task, "latent", ("latent",), spec)
+
+    jobs = [probe(arch, "identity") for arch in attacks.LATENT_PROBES.values()]
+    jobs.append(probe(attacks.EXPRESSION_PROBE, "expression"))
+    inverter = inverter_spec(options.inverter_epochs, options.patience, options.seed)
+    return jobs + [Job("inverter", "reconstruct", "anon+code", ("anon+code",), inverter)]
+
+
+def job_inputs(arrays: dict[str, np.ndarray], split: str, name: str) -> np.ndarray:
+    """The ``split`` array called ``name``; ``anon+code`` is built here so the object store holds no second copy."""
+    if name == "anon+code":
+        return with_code_channel(arrays[f"{split}/anon"], arrays[f"{split}/target"])
+    return arrays[f"{split}/{name}"]
 
 
 def run_job(job: Job, arrays: dict[str, np.ndarray], num_classes: int, device: str | None = None) -> dict[str, Any]:
     """Train one classifier and return its test predictions (and features). Runs in a Ray task or in-process."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    fitted = fit(job.spec, arrays[f"train/{job.train}"], arrays[f"train/{job.task}"], num_classes, device=device)
+    reconstruct = job.task == "reconstruct"
+    labels = arrays["train/orig"] if reconstruct else arrays[f"train/{job.task}"]
+    strata = arrays["train/identity"] if reconstruct else None
+    fitted = fit(job.spec, job_inputs(arrays, "train", job.train), labels, num_classes, device=device, strata=strata)
     out: dict[str, Any] = {"key": job.key, "summary": fitted.summary(), "predictions": {}, "features": {}}
     for test in job.tests:
-        out["predictions"][test] = fitted.predict(arrays[f"test/{test}"])
+        x = job_inputs(arrays, "test", test)
+        if reconstruct:
+            out["reconstructions"] = fitted.reconstruct(x)
+        else:
+            out["predictions"][test] = fitted.predict(x)
     if job.features:
         for test in ("orig", "anon"):
             out["features"][test] = fitted.features(arrays[f"test/{test}"])
+    if job.keep_model:
+        fitted.model.cpu()
+        out["fitted"] = fitted
     return out
 
 
@@ -145,7 +203,8 @@ def _ray_job(job: Job, arrays: dict[str, np.ndarray], num_classes: int, use_gpu:
 
 
 def run_jobs(jobs: list[Job], data: EvalData, use_ray: bool, gpus_per_task: float = 0.0) -> dict[str, dict[str, Any]]:
-    classes = {"identity": data.num_identities, "expression": data.num_expressions}
+    # the inverter's "classes" are the target codes it reads
+    classes = {"identity": data.num_identities, "expression": data.num_expressions, "reconstruct": data.num_identities}
     if not use_ray:
         with torch_threads(1):
             return {job.key: run_job(job, data.arrays, classes[job.task]) for job in tqdm(jobs, desc="classifiers", unit="job")}
@@ -207,6 +266,12 @@ def anonymize_all(model, images: np.ndarray, targets: np.ndarray, batch: int, sa
     return np.concatenate(outs), np.concatenate(latents)
 
 
+def reencode(model, images: np.ndarray, batch: int) -> np.ndarray:
+    """The encoder's latent means of (anonymised) images, in batches."""
+    chunks = [np.asarray(model.encode(images[i : i + batch]), np.float32) for i in range(0, len(images), batch)]
+    return np.concatenate(chunks)
+
+
 def check_compatible(model, dataset: Dataset) -> None:
     if model.num_identities != dataset.num_identities:
         raise ValueError(
@@ -218,7 +283,8 @@ def check_compatible(model, dataset: Dataset) -> None:
 
 
 def prepare(model, dataset: Dataset, options: EvalOptions) -> EvalData:
-    """Load originals at the model's size, anonymise them with random targets, encode their latent means."""
+    """Load originals at the model's size, anonymise them with random targets, encode their latent means (and, for the
+    suite's linkage attack, the anonymised test images again: the latent an attacker holding the bundle reads)."""
     check_compatible(model, dataset)
     size, rng = int(model.image_size), np.random.default_rng(options.seed)
     seconds: dict[str, float] = {}
@@ -233,13 +299,15 @@ def prepare(model, dataset: Dataset, options: EvalOptions) -> EvalData:
     start = time.time()
     a_train, z_train = anonymize_all(model, x_train, t_train, options.anonymize_batch, options.sample, "anonymise train")
     a_test, z_test = anonymize_all(model, x_test, t_test, options.anonymize_batch, options.sample, "anonymise test")
-    seconds["anonymise"] = time.time() - start
     test_rows = test_rows.assign(target_identity=t_test)
     arrays = {
-        "train/orig": x_train, "train/anon": a_train, "train/latent": z_train,
+        "train/orig": x_train, "train/anon": a_train, "train/latent": z_train, "train/target": t_train,
         "train/identity": ids_train, "train/expression": train_rows["expression"].to_numpy(np.int64),
-        "test/orig": x_test, "test/anon": a_test, "test/latent": z_test,
+        "test/orig": x_test, "test/anon": a_test, "test/latent": z_test, "test/target": t_test,
     }  # fmt: skip
+    if options.suite:
+        arrays["test/reencoded"] = reencode(model, a_test, options.anonymize_batch)
+    seconds["anonymise"] = time.time() - start
     return EvalData(arrays, test_rows, dataset.num_identities, dataset.num_expressions, seconds)
 
 
@@ -361,6 +429,7 @@ class Evaluation:
     target_success: list[dict[str, Any]]
     d_expression_accuracy: float | None
     classifiers: dict[str, dict[str, Any]]
+    attacks: list[dict[str, Any]]  # the attack suite: figure, bar, pass per attack (empty without the suite)
     options: EvalOptions
     seconds: dict[str, float]
     num_identities: int
@@ -376,6 +445,7 @@ class Evaluation:
         return {
             "rows": self.rows, "privacy_flags": privacy_flags(self.rows), "linkage": self.linkage, "target_success": self.target_success,
             "d_expression_accuracy": self.d_expression_accuracy, "classifiers": self.classifiers,
+            "attacks": self.attacks, "audit": attacks.audit_summary(self.attacks) if self.attacks else None,
             "options": asdict(self.options), "seconds": {k: round(v, 1) for k, v in self.seconds.items()},
             "chance": {"identity": 1 / self.num_identities, "expression": 1 / self.num_expressions},
         }  # fmt: skip
@@ -401,6 +471,7 @@ def evaluate(model, dataset: Dataset, options: EvalOptions | None = None, use_ra
         target_success=target_success(results, data),
         d_expression_accuracy=None if d_check is None else d_check["accuracy"],
         classifiers={key: r["summary"] for key, r in results.items()},
+        attacks=attacks.run_suite(results, data, rows) if options.suite else [],
         options=options,
         seconds=data.seconds,
         num_identities=data.num_identities,

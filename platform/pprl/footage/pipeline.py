@@ -44,6 +44,7 @@ from pprl.footage.track import Face, IoUTracker
 from pprl.footage.video import VIDEO_SUFFIXES, EncodeOptions, Frame, VideoReader, VideoWriter
 from pprl.serve import schema as face_schema
 from pprl.serve.security import pseudonym_identity
+from pprl.train.export import LatentGate, bundle_info, latent_gate
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,8 @@ class FootageOptions:
     use_gpu: bool = False
     encode: EncodeOptions = field(default_factory=EncodeOptions)
     log_every: int = 500  # frames between progress lines in the worker log
+    export_unaudited_latent: bool = False  # the operator's override of the latent gate (pprl.train.export.latent_gate)
+    latent: LatentGate | None = None  # the gate's decision, taken once per run by anonymize_footage
 
     def __post_init__(self) -> None:
         if self.batch_frames < 1 or self.max_faces_per_batch < 1:
@@ -192,15 +195,20 @@ class _Pending:
 
 
 class _FaceRows:
-    """Streams faces.parquet: one row group per batch of frames, so a long video's rows are never all in memory."""
+    """Streams faces.parquet: one row group per batch of frames, so a long video's rows are never all in memory.
+    The latent column is null unless the gate exports it; the file's metadata carries the gate's record."""
 
-    def __init__(self, path: str):
-        self.writer = pq.ParquetWriter(path, FACES_SCHEMA, compression="zstd")
+    def __init__(self, path: str, latent: LatentGate):
+        self.schema = face_schema.with_latent_record(FACES_SCHEMA, latent.record())
+        self.writer = pq.ParquetWriter(path, self.schema, compression="zstd")
+        self.export_latent = latent.exported
         self.count = 0
 
     def add(self, columns: dict[str, list]) -> None:
         if columns["frame_index"]:
-            self.writer.write_table(pa.Table.from_pydict(columns, schema=FACES_SCHEMA))
+            if not self.export_latent:
+                columns = {**columns, "latent": [None] * len(columns["frame_index"])}
+            self.writer.write_table(pa.Table.from_pydict(columns, schema=self.schema))
             self.count += len(columns["frame_index"])
 
     def close(self, summary: dict[str, Any] | None) -> None:
@@ -323,13 +331,14 @@ def process_video(task: VideoTask, options: FootageOptions) -> dict[str, Any]:
     """Anonymise one video; returns its index row. Raises on any failure (see ``process_video_safe``)."""
     started = time.time()
     model = load_anonymizer(options.model, "cuda" if options.use_gpu else "cpu")
+    latent = options.latent or latent_gate(options.model, options.export_unaudited_latent)
     staged: list[str] = []
     try:
         with tempfile.TemporaryDirectory(prefix="pprl-footage-") as tmp, _local_input(task.input_uri, tmp) as src:
             video_tmp = _staging(task.output_uri, tmp, "video" + os.path.splitext(task.rel)[1])
             faces_tmp = _staging(task.faces_uri, tmp, "faces.parquet")
             staged += [video_tmp, faces_tmp]
-            rows = _FaceRows(faces_tmp)
+            rows = _FaceRows(faces_tmp, latent)
             try:
                 with VideoReader(src) as reader, VideoWriter(video_tmp, reader, options.encode) as writer:
                     detector = make_detector(options.detector, task.rel, options.use_gpu)
@@ -468,11 +477,10 @@ def anonymize_footage(
 
     ``on_row`` sees each video's index row as it finishes; once ``cancelled()`` is true no further video starts
     (those running finish and are kept)."""
-    from pprl.serve.batch import bundle_info
-
     info = bundle_info(options.model)
     options.policy.check(int(info["num_identities"]))
-    options = dataclasses.replace(options, policy=options.policy.resolved())
+    gate = latent_gate(options.model, options.export_unaudited_latent, info)
+    options = dataclasses.replace(options, policy=options.policy.resolved(), latent=gate)
     tasks = plan(input_uri, output_uri)
     rows = read_index(output_uri)
     todo = []
@@ -488,6 +496,7 @@ def anonymize_footage(
     if not todo:
         table = write_index(output_uri, rows) if rows else pa.Table.from_pylist([], schema=INDEX_SCHEMA)
         return RunSummary(table.to_pandas(), 0, skipped, 0)
+    gate.log(f"footage {input_uri} -> {output_uri}")
     if num_workers <= 0:
         results = _run_local(todo, options, cancelled)
     else:
@@ -587,6 +596,7 @@ def run_footage_job(request, progress):
         feather=float(opts.pop("feather", 0.15)),
         use_gpu=bool(request.num_gpus),
         encode=EncodeOptions(crf=int(opts.pop("crf", 18))),
+        export_unaudited_latent=request.export_unaudited_latent,
     )
     num_workers = int(opts.pop("num_workers", request.actors))
     retry_errors = bool(opts.pop("retry_errors", False))

@@ -34,6 +34,7 @@ from pprl.serve import security
 from pprl.serve.batch import JobRequest
 from pprl.serve.jobs import JobManager
 from pprl.serve.security import IMAGE_TYPES, Rejected
+from pprl.train.export import latent_gate
 
 log = logging.getLogger(__name__)
 APP_NAME = "pprl"
@@ -71,6 +72,8 @@ class ServeSettings:
     job_actors: int = 1
     job_num_gpus: float = 0.0
     max_running_jobs: int = 1
+    # the latent gate: export the latent although the bundle's privacy audit did not pass (recorded in every output)
+    export_unaudited_latent: bool = False
 
     def __post_init__(self) -> None:
         if not self.model_uri:
@@ -102,12 +105,18 @@ class ServeSettings:
 
 @serve.deployment(name="Model", health_check_period_s=10, health_check_timeout_s=60)
 class ModelDeployment:
-    """One Anonymizer per replica; concurrent requests are merged into batched forward passes."""
+    """One Anonymizer per replica; concurrent requests are merged into batched forward passes. The latent leaves the
+    replica only when the bundle's privacy audit passed or the operator overrode the gate."""
 
-    def __init__(self, model_uri: str, device: str | None, max_batch_size: int, batch_wait_timeout_s: float):
+    def __init__(
+        self, model_uri: str, device: str | None, max_batch_size: int, batch_wait_timeout_s: float,
+        export_unaudited_latent: bool,
+    ):  # fmt: skip
         from pprl.anonymizer import Anonymizer
 
         self.model = Anonymizer.load(model_uri, device=device)
+        self.gate = latent_gate(model_uri, export_unaudited_latent, self.model.info)
+        self.gate.log(f"serving {model_uri}")
         self.max_batch_size = max_batch_size
         self.anonymize.set_max_batch_size(max_batch_size)
         self.anonymize.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -123,17 +132,22 @@ class ModelDeployment:
             "latent_dim": m.latent_dim,
             "expressions": list(EXPRESSIONS[: m.num_expressions]),
             "max_batch_size": self.max_batch_size,
+            "latent": self.gate.record(),
         }
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def anonymize(self, images: list[np.ndarray], targets: list[int]) -> list[dict[str, Any]]:
         """One forward pass for the whole batch (off the event loop, so the next batch keeps filling)."""
         result = await asyncio.to_thread(self.model.run, np.stack(images), np.asarray(targets, np.int64))
-        n = len(images)
+        return self.outputs(result)
+
+    def outputs(self, result: Any) -> list[dict[str, Any]]:
+        """One response per image of an ``AnonymizeResult``; the latent only when the gate exports it."""
+        n = len(result.images)
         return [
             {
                 "image": result.images[i],
-                "latent": np.asarray(result.latents[i], np.float32),
+                **({"latent": np.asarray(result.latents[i], np.float32)} if self.gate.exported else {}),
                 "expression_probs": np.asarray(result.expression_probs[i], np.float32),
                 "target": int(result.targets[i]),
                 "batch_size": n,
@@ -258,7 +272,7 @@ class Ingress:
             "target_identity": out["target"],
             "expression": expression,
             "expression_probs": {label: float(p) for label, p in zip(info["expressions"], probs, strict=True)},
-            "latent": [float(v) for v in out["latent"]],
+            **latent_fields(out, info["latent"]),
             "model_version": info["version"],
             "batch_size": out["batch_size"],
         }
@@ -282,9 +296,18 @@ class Ingress:
             device=s.device,
             max_pixels=s.max_pixels,
             pseudonym_secret=self.secret,
+            export_unaudited_latent=s.export_unaudited_latent,
             options=body.options,
         )
         return _unwrap(await self.jobs.submit.remote(body.kind, request))
+
+
+def latent_fields(out: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    """The ``details=true`` fields about the latent: ``latent`` (only when the gate exports it), ``latent_kind``, and
+    ``latent_audit`` (the gate's record: audit status, override, why)."""
+    fields: dict[str, Any] = {"latent": [float(v) for v in out["latent"]]} if "latent" in out else {}
+    audit = {k: v for k, v in record.items() if k != "latent_kind"}
+    return {**fields, "latent_kind": record["latent_kind"], "latent_audit": audit}
 
 
 async def read_image_body(request: Request) -> tuple[bytes, str]:
@@ -412,7 +435,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         ray_actor_options={"num_gpus": s.num_gpus, "num_cpus": s.model_num_cpus},
         max_ongoing_requests=s.max_ongoing_requests,
         autoscaling_config={"min_replicas": s.min_replicas, "max_replicas": s.max_replicas, "target_ongoing_requests": s.target_ongoing_requests},
-    ).bind(s.model_uri, s.device, s.max_batch_size, s.batch_wait_timeout_s)
+    ).bind(s.model_uri, s.device, s.max_batch_size, s.batch_wait_timeout_s, s.export_unaudited_latent)
     jobs = JobsDeployment.bind(s.max_running_jobs)
     ingress = Ingress.options(
         num_replicas=s.ingress_replicas,

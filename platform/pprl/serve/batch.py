@@ -16,7 +16,6 @@ pipeline and removes what its tasks had written but not published.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -35,6 +34,7 @@ from pprl.config import EXPRESSIONS
 from pprl.data.dataset import MANIFEST, encode_png, load_dataset
 from pprl.serve import schema
 from pprl.serve.security import IMAGE_SUFFIXES, Limits, Rejected, decode_checked, parse_target
+from pprl.train.export import bundle_info, latent_gate
 
 log = logging.getLogger(__name__)
 FETCH_THREADS = 8  # concurrent reads per fetch task: object-store latency, not CPU, bounds this stage
@@ -57,6 +57,7 @@ class JobRequest:
     device: str | None = None  # torch device for the model; None = cuda if the actor has a GPU, else cpu
     max_pixels: int = Limits.max_pixels  # header-checked limit per input image
     pseudonym_secret: bytes = b""  # HMAC key for pseudonym:<key> targets
+    export_unaudited_latent: bool = False  # the operator's override of the latent gate (pprl.train.export.latent_gate)
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -100,19 +101,6 @@ class Progress:
 
     def to_dict(self) -> dict[str, Any]:
         return {"total": self.total, "skipped": self.skipped, "done": self.done, "failed": self.failed, "parts": len(self.parts)}
-
-
-def bundle_info(model_uri: str) -> dict[str, Any]:
-    """``bundle.json`` of a model bundle (version, image_size, num_identities, ...), read without loading weights."""
-    uri = storage.join(model_uri, "bundle.json")
-    try:
-        info = json.loads(storage.read_text(uri))
-    except storage.StorageError:
-        raise ValueError(f"{model_uri}: not a model bundle (no bundle.json); export one with the training command") from None
-    for key in ("image_size", "num_identities"):
-        if key not in info:
-            raise ValueError(f"{uri}: missing {key!r}")
-    return info
 
 
 # --- sources ---------------------------------------------------------------------------------------------------
@@ -173,12 +161,14 @@ def _fetch_one(source: str, image_size: int, max_pixels: int) -> tuple[bytes | N
 
 
 class AnonymizeActor:
-    """Ray Data actor: loads the model once, then one batched forward pass per call."""
+    """Ray Data actor: loads the model once, then one batched forward pass per call. ``export_latent``: the driver's
+    latent gate decision (the latent column stays null without it)."""
 
-    def __init__(self, model_uri: str, device: str | None = None):
+    def __init__(self, model_uri: str, device: str | None = None, export_latent: bool = False):
         from pprl.anonymizer import Anonymizer
 
         self.model = Anonymizer.load(model_uri, device=device)
+        self.export_latent = export_latent
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -191,14 +181,14 @@ class AnonymizeActor:
             targets = np.asarray([rows[i]["target_identity"] for i in ok], np.int64)
             result = self.model.run(images, targets)
             for j, i in enumerate(ok):
-                out[i] = face_row(rows[i]["source_uri"], 0, result, j, version)
+                out[i] = face_row(rows[i]["source_uri"], 0, result, j, version, self.export_latent)
         for i, row in enumerate(rows):
             out[i]["input_image"] = row["input_image"]
         return schema.to_table(out)
 
 
-def face_row(source_uri: str, face_index: int, result: Any, j: int, version: str) -> dict[str, Any]:
-    """Row ``j`` of an ``AnonymizeResult`` in the face schema (footage builds its rows with this too)."""
+def face_row(source_uri: str, face_index: int, result: Any, j: int, version: str, export_latent: bool) -> dict:
+    """Row ``j`` of an ``AnonymizeResult`` in the face schema; ``latent`` is null unless ``export_latent``."""
     probs = np.asarray(result.expression_probs[j], np.float32)
     return {
         "source_uri": source_uri,
@@ -207,7 +197,7 @@ def face_row(source_uri: str, face_index: int, result: Any, j: int, version: str
         "target_identity": int(result.targets[j]),
         "expression": EXPRESSIONS[int(probs.argmax())],
         "expression_probs": probs.tolist(),
-        "latent": np.asarray(result.latents[j], np.float32).tolist(),
+        "latent": np.asarray(result.latents[j], np.float32).tolist() if export_latent else None,
         "model_version": version,
         "error": None,
     }
@@ -216,10 +206,11 @@ def face_row(source_uri: str, face_index: int, result: Any, j: int, version: str
 PENDING = ".pending"  # a written part that the driver has not published: hidden (dot name), not *.parquet
 
 
-def write_part(batch: pa.Table, output: str, run_id: str) -> pa.Table:
-    """Write one block as a whole (atomic) part file under a hidden name; return it and its counts for the driver,
-    which publishes it (or, once the job is cancelled, leaves it to :func:`remove_unpublished`)."""
-    table = batch.cast(schema.RESULT_SCHEMA)
+def write_part(batch: pa.Table, output: str, run_id: str, latent: dict[str, Any]) -> pa.Table:
+    """Write one block as a whole (atomic) part file under a hidden name, with the latent gate's ``latent`` record in
+    its metadata; return it and its counts for the driver, which publishes it (or, once the job is cancelled, leaves
+    it to :func:`remove_unpublished`)."""
+    table = batch.cast(schema.with_latent_record(schema.RESULT_SCHEMA, latent))
     uri = storage.join(output, f".part-{run_id}-{storage.unique_suffix()}.parquet{PENDING}")
     storage.write_parquet(table, uri)
     errors = table.num_rows - table.column("error").null_count
@@ -257,6 +248,7 @@ def run_images_job(request: JobRequest, progress: Progress | None = None) -> Pro
 
     progress = progress or Progress()
     info = bundle_info(request.model_uri)
+    gate = latent_gate(request.model_uri, request.export_unaudited_latent, info)
     sources = list_sources(request.input)
     already = done_sources(request.output)
     todo = [s for s in sources if s not in already]
@@ -264,6 +256,7 @@ def run_images_job(request: JobRequest, progress: Progress | None = None) -> Pro
     log.info("job %s -> %s: %d sources, %d already done", request.input, request.output, len(sources), progress.skipped)
     if not todo or progress.cancel.is_set():
         return progress
+    gate.log(f"images job -> {request.output}")
     storage.makedirs(request.output)
     num_ids = int(info["num_identities"])
     items = [{"source_uri": s, "target_identity": parse_target(request.identity, num_ids, request.pseudonym_secret, random_key=s)} for s in todo]
@@ -285,12 +278,14 @@ def run_images_job(request: JobRequest, progress: Progress | None = None) -> Pro
             AnonymizeActor,
             batch_format="pyarrow",
             batch_size=request.batch_size,
-            fn_constructor_kwargs={"model_uri": request.model_uri, "device": request.device},
+            fn_constructor_kwargs={"model_uri": request.model_uri, "device": request.device,
+                                   "export_latent": gate.exported},  # fmt: skip
             compute=ray.data.ActorPoolStrategy(size=request.actors),
             num_gpus=request.num_gpus or None,
             runtime_env=env,
         )
-        .map_batches(write_part, batch_format="pyarrow", batch_size=None, fn_kwargs={"output": request.output, "run_id": this_run}, runtime_env=env)
+        .map_batches(write_part, batch_format="pyarrow", batch_size=None, runtime_env=env,
+                     fn_kwargs={"output": request.output, "run_id": this_run, "latent": gate.record()})
     )
     complete = False
     try:

@@ -12,17 +12,21 @@ image              binary               the anonymised face as PNG bytes (model'
 target_identity    int32                identity index the face was rendered as; null on error
 expression         string               predicted expression label (one of ``pprl.config.EXPRESSIONS``)
 expression_probs   list<float32>        probability per label, in ``EXPRESSIONS`` order
-latent             list<float32>        the identity-free latent mean (the paper's privacy-preserving representation)
+latent             list<float32>        the encoder's latent mean; null unless the bundle's privacy audit passed (or
+                                        the operator overrode the gate): the file metadata ``pprl.latent`` says which
 model_version      string               ``Anonymizer.version`` of the model bundle that produced the row
 error              string               null on success; otherwise what went wrong, naming the file
 input_image        binary               the original input bytes, only when the job asked for them (else null)
 =================  ===================  ==========================================================================
 
 Extra per-kind columns (footage adds frame numbers and boxes) go after these: see ``result_schema(extra)``.
+Every file's key-value metadata ``pprl.latent`` is the JSON of ``pprl.train.export.LatentGate.record()``: the latent's
+kind (``encoder_mean``), whether it was exported, the audit status, any override, and why.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -35,12 +39,24 @@ FACE_FIELDS: tuple[pa.Field, ...] = (
     pa.field("target_identity", pa.int32(), metadata={"doc": "identity index rendered"}),
     pa.field("expression", pa.string(), metadata={"doc": "predicted expression label"}),
     pa.field("expression_probs", pa.list_(pa.float32()), metadata={"doc": "probabilities in EXPRESSIONS order"}),
-    pa.field("latent", pa.list_(pa.float32()), metadata={"doc": "identity-free latent mean"}),
+    pa.field("latent", pa.list_(pa.float32()), metadata={"doc": "encoder latent mean; null unless audited"}),
     pa.field("model_version", pa.string(), metadata={"doc": "model bundle version"}),
     pa.field("error", pa.string(), metadata={"doc": "null on success, else the reason"}),
     pa.field("input_image", pa.binary(), metadata={"doc": "original input bytes, only if requested"}),
 )
 RESULT_SCHEMA = pa.schema(FACE_FIELDS, metadata={"pprl.schema": "anonymized-faces/v1"})
+LATENT_META = b"pprl.latent"  # file metadata: which latent the `latent` column carries, or why it is null
+
+
+def with_latent_record(schema: pa.Schema, record: dict[str, Any]) -> pa.Schema:
+    """``schema`` with the latent gate's record (``LatentGate.record()``) added to its metadata."""
+    return schema.with_metadata({**(schema.metadata or {}), LATENT_META: json.dumps(record).encode()})
+
+
+def latent_record(schema: pa.Schema) -> dict[str, Any] | None:
+    """The latent gate's record of a file written by a batch job or footage (None for files written before it)."""
+    meta = schema.metadata or {}
+    return json.loads(meta[LATENT_META]) if LATENT_META in meta else None
 
 
 def result_schema(extra: Iterable[pa.Field] = ()) -> pa.Schema:

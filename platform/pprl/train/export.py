@@ -2,9 +2,12 @@
 
 Layout (local or S3): ``model.pt`` (state dicts of the encoder, decoder and discriminator), ``config.yaml`` (the
 resolved run config) and ``bundle.json`` (version, sizes, step, last metrics). ``bundle.json`` is written last, so a
-folder that has one is complete.
+folder that has one is complete. ``privacy_audit.json``, when present, is the attack suite's verdict on these weights
+(written by ``pprl evaluate``); ``latent_gate`` reads it to decide whether outputs may carry the latent.
 
     export_bundle(trainer, "s3://models/ferg/model")
+
+torch is imported only to write weights, so the serving front end and batch drivers read bundles without it.
 """
 
 from __future__ import annotations
@@ -13,19 +16,27 @@ import datetime as dt
 import hashlib
 import io
 import json
-from typing import Any
-
-import torch
-from torch import nn
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from pprl import storage
 from pprl.config import EXPRESSIONS, Config
+
+if TYPE_CHECKING:
+    from torch import nn
+
+log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "pprl-bundle/1"
 WEIGHTS = "model.pt"
 CONFIG = "config.yaml"
 INFO = "bundle.json"
 NETWORKS = ("encoder", "decoder", "discriminator")
+AUDIT = "privacy_audit.json"
+AUDIT_FORMAT = "pprl-privacy-audit/1"
+LATENT_KIND = "encoder_mean"  # what outputs carry as `latent`: the encoder's posterior mean of the input face
+AUDIT_FIELDS = ("format", "model_version", "latent_kind", "passed", "attacks", "created")
 
 
 def export_bundle(trainer: Any, out: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -45,6 +56,8 @@ def write_bundle(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write a bundle from plain (unwrapped) networks."""
+    import torch
+
     missing = [n for n in NETWORKS if n not in networks]
     if missing:
         raise ValueError(f"a bundle needs the networks {', '.join(NETWORKS)}; missing {', '.join(missing)}")
@@ -75,14 +88,94 @@ def write_bundle(
 
 
 def bundle_info(uri: str) -> dict[str, Any]:
-    """``bundle.json`` of the bundle at ``uri``; a clear error when the folder is not a (complete) bundle."""
+    """``bundle.json`` of the bundle at ``uri`` (read without loading weights); a clear error when the folder is not a
+    (complete) bundle."""
     info_uri = storage.join(uri, INFO)
     if not storage.exists(info_uri):
         raise ValueError(f"{uri}: not a model bundle (no {INFO}); train one with `pprl train-local` or `pprl train`")
     try:
-        return json.loads(storage.read_text(info_uri))
+        info = json.loads(storage.read_text(info_uri))
     except json.JSONDecodeError as err:
         raise ValueError(f"{info_uri}: not valid JSON ({err})") from None
+    for key in ("image_size", "num_identities"):
+        if key not in info:
+            raise ValueError(f"{info_uri}: missing {key!r}")
+    return info
+
+
+# --- the privacy audit and the latent gate ------------------------------------------------------------------------
+
+
+def write_audit(uri: str, audit: dict[str, Any]) -> str:
+    """Attach ``audit`` (``pprl.evaluate.attacks.audit_record``) to the bundle at ``uri``; returns the file's URI."""
+    missing = [key for key in AUDIT_FIELDS if key not in audit]
+    if missing or audit["format"] != AUDIT_FORMAT:
+        found = f"missing {', '.join(missing) or 'nothing'}, format {audit.get('format')!r}"
+        raise ValueError(f"not a {AUDIT_FORMAT} record ({found})")
+    target = storage.join(uri, AUDIT)
+    storage.write_text(target, json.dumps(audit, indent=2))
+    return target
+
+
+def read_audit(uri: str) -> dict[str, Any] | None:
+    """The bundle's privacy audit, or None when it has none."""
+    target = storage.join(uri, AUDIT)
+    return json.loads(storage.read_text(target)) if storage.exists(target) else None
+
+
+@dataclass(frozen=True)
+class LatentGate:
+    """Whether outputs of a bundle may carry its latent: only with a passing privacy audit of these very weights
+    (the audit names the bundle version, which holds a hash of the weights), or when the operator overrides it.
+    ``record()`` goes into every output, so each names the latent it carries (or withholds) and why."""
+
+    exported: bool
+    audit: str  # passed | failed | missing | stale | invalid
+    override: bool
+    note: str
+    audited: str | None = None  # when the audit was made
+
+    def record(self) -> dict[str, Any]:
+        return {"latent_kind": LATENT_KIND, "latent_exported": self.exported, "audit": self.audit,
+                "override": self.override, "audited": self.audited, "note": self.note}  # fmt: skip
+
+    def log(self, where: str) -> None:
+        """The one log line a component writes when the latent is withheld or exported by override."""
+        if self.audit != "passed":
+            log.warning("%s: %s", where, self.note)
+
+
+def latent_gate(uri: str, override: bool = False, info: dict[str, Any] | None = None) -> LatentGate:
+    """Read the audit of the bundle at ``uri`` and decide; ``override`` is the operator's export_unaudited_latent."""
+    status, why, audited = _audit_status(uri, info or bundle_info(uri))
+    if status == "passed":
+        return LatentGate(True, status, False, f"privacy audit of {audited} passed: latent exported", audited)
+    if override:
+        note = f"latent exported WITHOUT a passing privacy audit ({why}): the operator set export_unaudited_latent"
+        return LatentGate(True, status, True, note, audited)
+    note = (f"latent withheld: {why}; audit the bundle with `pprl evaluate`, or export anyway with "
+            "--export-unaudited-latent (settings: export_unaudited_latent)")  # fmt: skip
+    return LatentGate(False, status, False, note, audited)
+
+
+def _audit_status(uri: str, info: dict[str, Any]) -> tuple[str, str, str | None]:
+    """(status, why, audit date) of the bundle's privacy audit."""
+    try:
+        audit = read_audit(uri)
+    except (ValueError, storage.StorageError) as err:  # a JSONDecodeError is a ValueError
+        return "invalid", f"its {AUDIT} cannot be read ({err})", None
+    if audit is None:
+        return "missing", f"the bundle has no privacy audit ({AUDIT})", None
+    audited = audit.get("created")
+    if audit.get("format") != AUDIT_FORMAT:
+        return "invalid", f"its {AUDIT} is not a {AUDIT_FORMAT} record", audited
+    if audit.get("model_version") != info.get("version") or audit.get("latent_kind") != LATENT_KIND:
+        of = f"{audit.get('model_version')!r} ({audit.get('latent_kind')})"
+        return "stale", f"the privacy audit is of {of}, not of this bundle", audited
+    if audit.get("passed") is not True:
+        failed = [a.get("name", "?") for a in audit.get("attacks", []) if not a.get("pass")]
+        return "failed", f"the privacy audit of {audited} failed ({', '.join(failed) or 'incomplete'})", audited
+    return "passed", "", audited
 
 
 def export_checkpoint(checkpoint_uri: str, out: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
