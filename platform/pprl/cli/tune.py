@@ -22,7 +22,7 @@ def tune(
     search_space: str = typer.Option(None, "--search-space", help="Search-space YAML; default: pprl/tune/search_space.yaml (loss weights)."),
     overrides: list[str] = typer.Option([], "--set", help="Override a base config field: --set section.field=value (repeatable)."),
     epochs: int = typer.Option(None, "--epochs", help="Epochs per trial (shortcut for --set train.epochs=N); ASHA's max_t."),
-    privacy_weight: float = typer.Option(1.0, "--privacy-weight", help="w in score = expression_acc - w * max(0, identity_acc - chance)."),
+    privacy_weight: float = typer.Option(1.0, "--privacy-weight", help="w in score = expression_acc - w * max(0, privacy_leak): the worst attack's identity accuracy above chance."),
     grace_period: int = typer.Option(2, "--grace-period", help="ASHA: epochs before a trial can be stopped."),
     reduction_factor: float = typer.Option(3.0, "--reduction-factor", help="ASHA: keep the top 1/rf of trials at each rung."),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="Share of the train split held out as validation images."),
@@ -67,7 +67,8 @@ def tune(
     out = run_search(job, address=address)
     typer.echo(f"search {job.name}: {out.trials} trials, {out.stopped_early} stopped early by ASHA, {out.errors} failed")
     if out.best_trial:
-        typer.echo(f"  best       trial {out.best_trial} (score {out.best_score:.3f}); Pareto front: {', '.join(out.front)}")
+        verdict = f"FAILS the audit's bars: {'; '.join(out.best_failed)}" if out.best_failed else "passes the audit's bars"
+        typer.echo(f"  best       trial {out.best_trial} (score {out.best_score:.3f}) {verdict}; Pareto front: {', '.join(out.front)}")
     for key, uri in out.files.items():
         typer.echo(f"  {key:<16} {uri}")
     if not out.finished:
@@ -76,6 +77,9 @@ def tune(
     if not out.best_trial:
         typer.echo(f"search {job.name}: no trial reported a result; see error.txt in its trial folders", err=True)
         raise typer.Exit(code=1)
+    if out.best_failed:
+        typer.echo(f"search {job.name}: no trial passes the audit's bars, so there is no best.yaml; the best by score is in "
+                   f"best_failing.yaml", err=True)  # fmt: skip
 
 
 def register(app: typer.Typer) -> None:

@@ -60,10 +60,17 @@ def probe_key(arch: str, task: str) -> str:
 def attack(name: str, figure: float, chance: float, bar: float, cost: dict[str, float], **details: Any) -> dict:
     """One attack's entry: privacy attacks pass at or below ``bar``, the expression checks at or above it. ``cost``:
     ``seconds`` (wall) and ``cpu_seconds`` of what the attack trained or computed itself."""
-    op = ">=" if name.startswith("expression") else "<="
-    passed = figure >= bar if op == ">=" else figure <= bar
-    return {"name": name, "title": TITLES[name], "figure": figure, "chance": chance, "bar": bar, "op": op,
-            "pass": bool(passed), **{k: round(v, 1) for k, v in cost.items()}, **details}  # fmt: skip
+    return {"name": name, "title": TITLES[name], "figure": figure, "chance": chance, "bar": bar, "op": bar_op(name),
+            "pass": meets(name, figure, bar), **{k: round(v, 1) for k, v in cost.items()}, **details}  # fmt: skip
+
+
+def bar_op(name: str) -> str:
+    """Privacy attacks pass at or below their bar, the expression (utility) checks at or above it."""
+    return ">=" if name.startswith("expression") else "<="
+
+
+def meets(name: str, figure: float, bar: float) -> bool:
+    return bool(figure >= bar if bar_op(name) == ">=" else figure <= bar)
 
 
 def cost(*summaries: dict[str, Any], seconds: float = 0.0, cpu_seconds: float = 0.0) -> dict[str, float]:

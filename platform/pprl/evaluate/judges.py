@@ -45,6 +45,10 @@ class Judges:
     def predict_identity(self, images) -> np.ndarray:
         return self.identity.predict(self.images(images))
 
+    def identity_features(self, images) -> np.ndarray:
+        """The identity judge's penultimate features: an attacker's feature space for faces (pprl tune's attacks)."""
+        return self.identity.features(self.images(images))
+
     def predict_expression(self, images) -> np.ndarray:
         return self.expression.predict(self.images(images))
 

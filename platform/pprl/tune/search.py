@@ -45,7 +45,7 @@ class TuneJob:
     max_concurrent: int = 2  # trials running at once
     gpus_per_trial: float = 0.0  # fractions share a GPU (e.g. 0.25: four trials per GPU)
     cpus_per_trial: float = 1.0
-    privacy_weight: float = 1.0  # w in score = expression_acc - w * max(0, identity_acc - 1/N_id)
+    privacy_weight: float = 1.0  # w in score = expression_acc - w * max(0, privacy_leak) (pprl.tune.objective)
     grace_period: int = 2  # ASHA: epochs every trial runs before it can be stopped
     reduction_factor: float = 3.0  # ASHA: keep the top 1/rf at each rung
     val_fraction: float = 0.1  # of the train split, carved out (stratified) as the validation images

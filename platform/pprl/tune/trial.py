@@ -2,13 +2,15 @@
 
 A plain function trainable (``tune.report`` with a checkpoint each epoch), not a Ray Train worker group per trial:
 see docs/tuning.md for why. The trial reads the training arrays, the validation set and the frozen judges from the
-object store (put there once by the driver), so it decodes no image and trains no classifier.
+object store (put there once by the driver), so it decodes no image and trains no judge: after each epoch it trains
+only the attack probes of :mod:`pprl.tune.objective`, about 2 s per report for cpu-quick (``eval_seconds``).
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +40,7 @@ class TrialInputs:
     judges: Any  # ObjectRef[SharedJudges]
     train: Any  # ObjectRef[(images uint8 NHWC, identity, expression)]
     val: Any  # ObjectRef[ValidationSet]
-    privacy_weight: float  # w in score = expression_acc - w * max(0, identity_acc - 1/N_id)
+    privacy_weight: float  # w in score = expression_acc - w * max(0, privacy_leak) (pprl.tune.objective)
     cpus: float  # CPU threads for torch in this trial
 
 
@@ -62,7 +64,9 @@ def run_trial(params: dict[str, Any], inputs: TrialInputs) -> None:
     rows = sample_rows(val, config.train.sample_rows)
     while trainer.epoch < config.train.epochs:
         train_metrics = trainer.train_epoch()
+        start = time.perf_counter()
         metrics = evaluate(*trainer.rendering_networks(), shared.judges, val, config.model.num_identities, inputs.privacy_weight)
+        metrics["eval_seconds"] = time.perf_counter() - start  # anonymising, judging and attacking the validation set
         metrics |= {f"train_{k}": v for k, v in train_metrics.items() if isinstance(v, float)}
         metrics |= {"epoch": trainer.epoch, "step": trainer.step, "collapsed": bool(train_metrics["collapsed"]), "judges_token": shared.token}
         report(trainer, metrics, rows)
