@@ -89,7 +89,7 @@ def test_commands_start_a_private_ray_beside_a_running_head_and_after_it_was_kil
         out.mkdir()
         commands = {
             "evaluate": ["jobs/evaluate.py", "--model", tiny_bundle, "--data", small_data, "--out", str(out / "report"),
-                         "--profile", "quick", "--epochs", "1", "--no-strong", "--no-applications", "--train-limit", "84"],
+                         "--profile", "quick", "--epochs", "1", "--no-strong", "--no-attack-suite", "--no-applications", "--train-limit", "84"],
             "tune": ["jobs/tune.py", "--data", small_data, "--storage", str(out / "tune"), "--name", "t", *TUNE_TINY],
             "footage": ["jobs/anonymize.py", "--input", str(clip), "--output", str(out / "footage"), "--model", tiny_bundle,
                         "--detector", f"sidecar:{tmp_path / 'boxes.parquet'}", "--num-workers", "1", "--no-progress"],
