@@ -15,6 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
+import privacy_seeds  # noqa: E402
 import run as bench_run  # noqa: E402
 from footage import StageClock  # noqa: E402
 from harness import Figure, markdown_table, report  # noqa: E402
@@ -106,3 +107,20 @@ def test_quick_data_loading_run_writes_the_table(small_data, tmp_path):
     assert dali_fig["ratio"] == pytest.approx(dali_fig["value"] / torch_fig["value"])
     assert {r["workers"] for r in torch_fig["details"]["runs"]} >= {0, 1}
     assert f"| data_loading | {dali_fig['name']} |" in (out / "latest.md").read_text()
+
+
+def test_privacy_seed_table_gives_the_worst_seed_against_each_bar():
+    """Worst = the highest figure under a <= bar and the lowest under a >= bar, over the seeds only (not --model)."""
+
+    def report(leak: float, expression: float, passed: bool) -> dict:
+        attacks = [{"name": "latent-mlp", "figure": leak, "bar": 0.217, "op": "<=", "pass": leak <= 0.217},
+                   {"name": "expression-attack-1", "figure": expression, "bar": 0.9, "op": ">=", "pass": expression >= 0.9}]
+        rows = [{"scenario": "attack-1", "attacker": "paper-cnn", "identity_accuracy": 0.01, "expression_accuracy": expression}]
+        return {"attacks": attacks, "rows": rows, "audit": {"passed": passed}}
+
+    reports = {"seed 0": report(0.20, 0.95, True), "seed 1": report(0.90, 0.85, False), "main-job": report(0.99, 0.10, False)}
+    lines = {line.split(" | ")[0].strip("| "): line for line in privacy_seeds.table(reports, ["seed 0", "seed 1"]).splitlines()}
+    assert lines["latent-mlp"].endswith("| 20.0 % | 90.0 % FAIL | 99.0 % FAIL | 90.0 % | 55.0 % | <= 21.7 % |")
+    assert lines["expression-attack-1"].endswith("| 95.0 % | 85.0 % FAIL | 10.0 % FAIL | 85.0 % | 90.0 % | >= 90.0 % |")
+    assert lines["**audit**"].startswith("| **audit** | PASSED | FAILED | FAILED |")
+    assert "attack-1 paper-cnn expression" in lines
