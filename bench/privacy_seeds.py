@@ -89,8 +89,9 @@ def figures(report: dict) -> dict[str, tuple[float, float, str, bool]]:
     out = {a["name"]: (a["figure"], a["bar"], a["op"], bool(a["pass"])) for a in report.get("attacks") or []}
     for row in report["rows"]:
         for task in ("identity", "expression"):
-            key = f"{row['scenario']} {row['attacker']} {task}"
-            out[key] = (row[f"{task}_accuracy"], float("nan"), "", True)
+            value = row.get(f"{task}_accuracy")
+            if value is not None and row["attacker"] != "chance":  # the stronger attackers judge identity only
+                out[f"{row['scenario']} {row['attacker']} {task}"] = (value, float("nan"), "", True)
     return out
 
 

@@ -115,7 +115,8 @@ def test_privacy_seed_table_gives_the_worst_seed_against_each_bar():
     def report(leak: float, expression: float, passed: bool) -> dict:
         attacks = [{"name": "latent-mlp", "figure": leak, "bar": 0.217, "op": "<=", "pass": leak <= 0.217},
                    {"name": "expression-attack-1", "figure": expression, "bar": 0.9, "op": ">=", "pass": expression >= 0.9}]
-        rows = [{"scenario": "attack-1", "attacker": "paper-cnn", "identity_accuracy": 0.01, "expression_accuracy": expression}]
+        rows = [{"scenario": "attack-1", "attacker": "paper-cnn", "identity_accuracy": 0.01, "expression_accuracy": expression},
+                {"scenario": "attack-3", "attacker": "mlp-deep", "identity_accuracy": leak, "expression_accuracy": None}]
         return {"attacks": attacks, "rows": rows, "audit": {"passed": passed}}
 
     reports = {"seed 0": report(0.20, 0.95, True), "seed 1": report(0.90, 0.85, False), "main-job": report(0.99, 0.10, False)}
@@ -123,4 +124,5 @@ def test_privacy_seed_table_gives_the_worst_seed_against_each_bar():
     assert lines["latent-mlp"].endswith("| 20.0 % | 90.0 % FAIL | 99.0 % FAIL | 90.0 % | 55.0 % | <= 21.7 % |")
     assert lines["expression-attack-1"].endswith("| 95.0 % | 85.0 % FAIL | 10.0 % FAIL | 85.0 % | 90.0 % | >= 90.0 % |")
     assert lines["**audit**"].startswith("| **audit** | PASSED | FAILED | FAILED |")
-    assert "attack-1 paper-cnn expression" in lines
+    assert "attack-1 paper-cnn expression" in lines and "attack-3 mlp-deep identity" in lines
+    assert "attack-3 mlp-deep expression" not in lines
