@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 # spinning threads are faster (PASSIVE measured 0.31 against 0.26 s per cpu-quick step on 2 idle cores); the
 # processes it starts (Ray workers, CLI jobs) share the 2 cores with a Ray head and others, so they get PASSIVE.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# The first test that asks for the session model trains it (about 15-20 min on 2 cores): those tests get this long.
+# The first test that asks for the session model trains it (752 s on 2 idle cores, longer under load): they get this.
 MODEL_TEST_TIMEOUT_S = 2700
 
 
