@@ -1,4 +1,5 @@
-"""``pprl anonymize-footage``: anonymise every face in a video, a folder or an S3 prefix of videos."""
+"""``pprl anonymize-footage``: anonymise every face in a video, a folder or an S3 prefix of videos (leak audit included);
+``pprl evaluate-footage``: is the person in the input recognised in the output?"""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 
 import typer
 
+from pprl.footage.audit import AuditOptions
 from pprl.footage.detect import DetectorSpec
 from pprl.footage.pipeline import FootageOptions, TargetPolicy, anonymize_footage
 from pprl.footage.video import EncodeOptions
@@ -36,9 +38,20 @@ def anonymize_footage_command(
         False, "--export-unaudited-latent",
         help="Write the latent into faces.parquet although the bundle's privacy audit did not pass (recorded there).",
     ),  # fmt: skip
+    audit: str = typer.Option(
+        "sample", "--audit",
+        help="Leak audit of each written video by dlib's face detector: 'sample' (frames near track gaps and weak "
+        "detections, plus evenly spread frames within --audit-budget) or 'all' frames.",
+    ),  # fmt: skip
+    no_audit: bool = typer.Option(False, "--no-audit", help="Skip the leak audit."),
+    audit_detector: str = typer.Option("hog", "--audit-detector", help="dlib's 'hog' (fast) or 'cnn' (more poses, ~100x slower on CPU)."),
+    audit_min_face: int = typer.Option(40, "--audit-min-face", help="Smallest face side (px, full resolution) the audit looks for."),
+    audit_budget: float = typer.Option(0.25, "--audit-budget", help="--audit sample: the audit's time as a fraction of the video's own."),
+    fail_on_suspect: bool = typer.Option(False, "--fail-on-suspect", help="Exit 1 when any video in --output has a leak-audit suspect."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Anonymise archived footage: detect, track and replace every face, keep the audio, write per-face Parquet."""
+    """Anonymise archived footage: detect, track and replace every face, keep the audio, write per-face Parquet,
+    then check each written video for faces left unreplaced (the leak audit)."""
     try:
         options = FootageOptions(
             model=model,
@@ -51,6 +64,7 @@ def anonymize_footage_command(
             use_gpu=use_gpu,
             encode=EncodeOptions(codec=codec, crf=crf),
             export_unaudited_latent=export_unaudited_latent,
+            audit=AuditOptions(mode="off" if no_audit else audit, detector=audit_detector, min_face=audit_min_face, budget=audit_budget),
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
@@ -61,7 +75,50 @@ def anonymize_footage_command(
     done = int((index["status"] == "done").sum()) if len(index) else 0
     typer.echo(f"{output}: {done} videos done, {len(index) - done} failed in total; this run processed {summary.processed} "
                f"({summary.errors} errors), skipped {summary.skipped}. See {output.rstrip('/')}/index.parquet")
+    suspects = summary.suspect_videos
+    if len(suspects):
+        typer.echo(f"LEAK AUDIT: {int(suspects.suspect_frames.sum())} frames in {len(suspects)} videos show a face outside every "
+                   "replaced region (a missed face, or a false alarm): check the contact sheets")
+        for row in suspects.itertuples():
+            typer.echo(f"  {row.suspect_frames} frames: {row.suspects_uri}")
+    elif summary.processed and not no_audit:
+        typer.echo(f"leak audit: no suspects in the {summary.processed - summary.errors} videos processed")
+    if fail_on_suspect and len(suspects):
+        raise typer.Exit(code=1)
+
+
+def evaluate_footage_command(
+    input: str = typer.Option(..., "--input", help="The original video, or a folder / s3:// prefix of them."),
+    output: str = typer.Option(..., "--output", help="Its anonymised video, or the folder anonymize-footage wrote for --input."),
+    reference: list[str] = typer.Option(
+        None, "--reference",
+        help="A photo of the person (repeatable). Default: the person is every face found in the input video.",
+    ),  # fmt: skip
+    distances: str = typer.Option(None, "--distances", help="Per-frame distances (Parquet). Default: <output>.reid.parquet, or <output>/reid.parquet for a folder."),
+    detector: str = typer.Option("hog", "--detector", help="dlib's 'hog' or 'cnn' face detector (cnn: ~100x slower on CPU)."),
+    min_face: int = typer.Option(40, "--min-face", help="Smallest face side (px) looked for."),
+    every: int = typer.Option(1, "--every", help="Evaluate every N-th frame."),
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 when any output frame recognises the person."),
+) -> None:
+    """Re-identification check: the share of frames in which dlib's face recogniser (same person below distance 0.6)
+    recognises the person in the input and in the anonymised output (faces it finds there; and, as a stronger attack,
+    the output's pixels where the input's faces were)."""
+    from pprl.footage.reid import THRESHOLD, default_distances_uri, evaluate_footage
+
+    try:
+        summary = evaluate_footage(input, output, distances, reference or None, detector, min_face, every)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    for row in summary.itertuples():
+        typer.echo(f"{row.video_uri}: person recognised in {row.recognised_input:.1%} of input frames, "
+                   f"{row.recognised_output:.1%} of output frames ({row.frames} frames, distance < {THRESHOLD}); "
+                   f"in place of the input's faces: {row.recognised_in_place:.1%}")
+    typer.echo(f"per-frame distances: {distances or default_distances_uri(output)}")
+    if strict and (summary.recognised_output > 0).any():
+        typer.echo("the person is recognised in anonymised frames: see recognised_output in the distances", err=True)
+        raise typer.Exit(code=1)
 
 
 def register(app: typer.Typer) -> None:
     app.command("anonymize-footage")(anonymize_footage_command)
+    app.command("evaluate-footage")(evaluate_footage_command)

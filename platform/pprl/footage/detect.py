@@ -5,11 +5,16 @@
   (CUDA provider when the GPU build of onnxruntime is installed and ``use_gpu``). Frames are shrunk so their long side
   is at most ``detect_size`` and padded to a multiple of 32; boxes are mapped back to full resolution.
 - ``sidecar:<path>``: bring your own detections, a Parquet of boxes per frame (see ``SidecarDetector``).
+
+``DlibDetector`` (dlib's HOG or CNN face detector, weights from the ``face-recognition-models`` wheel) is another
+model family than CenterFace: the leak audit (``pprl.footage.audit``) and the re-identification check
+(``pprl.footage.reid``) use it to look at the output independently of the detector that chose what to replace.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
 from dataclasses import dataclass
@@ -201,3 +206,73 @@ class SidecarDetector:
     def detect(self, images: list[np.ndarray], frame_indices: list[int]) -> list[np.ndarray]:
         empty = np.zeros((0, 5), np.float32)
         return [self.boxes.get(int(i), empty).copy() for i in frame_indices]
+
+
+# --- dlib: an independent detector for checking outputs -------------------------------------------------------
+
+
+def dlib_model_path(name: str) -> str:
+    """A model file shipped in the ``face-recognition-models`` wheel. Found without importing the package: its
+    ``__init__`` needs ``pkg_resources``, which setuptools no longer ships (since 81)."""
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise DetectorError("dlib's face models are missing: pip install face-recognition-models (see pyproject.toml)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "models", name)
+    if not os.path.isfile(path):
+        raise DetectorError(f"dlib's face model {path} is missing: reinstall face-recognition-models")
+    return path
+
+
+@functools.lru_cache(maxsize=2)
+def _dlib_detector(kind: str):
+    import dlib
+
+    if kind == "hog":
+        return dlib.get_frontal_face_detector()
+    return dlib.cnn_face_detection_model_v1(dlib_model_path("mmod_human_face_detector.dat"))
+
+
+class DlibDetector:
+    """dlib's face detector at full resolution: ``hog`` (HOG + linear SVM, frontal and near-frontal faces, tens of ms
+    per VGA frame on a CPU core) or ``cnn`` (the MMOD CNN, more poses, about 100x slower on a CPU).
+
+    Both slide a window of about 80 px, so frames are enlarged by ``80 / min_face`` first: faces of ``min_face`` px
+    and larger are found. ``threshold`` is added to the detector's own decision threshold (0: dlib's default)."""
+
+    WINDOW = 80
+
+    def __init__(self, kind: str = "hog", min_face: int = 40, threshold: float = 0.0):
+        self.check(kind, min_face)
+        self.kind, self.name, self.min_face, self.threshold = kind, f"dlib-{kind}", min_face, threshold
+        self.scale = max(1.0, self.WINDOW / min_face)
+        self.model = _dlib_detector(kind)
+
+    @staticmethod
+    def check(kind: str, min_face: int) -> None:
+        if kind not in ("hog", "cnn"):
+            raise DetectorError(f"dlib detector {kind!r}: expected 'hog' or 'cnn'")
+        if not 10 <= min_face <= 1000:
+            raise DetectorError(f"min_face must be 10-1000 px, got {min_face}")
+
+    def detect(self, images: list[np.ndarray], frame_indices: list[int]) -> list[np.ndarray]:
+        return [self._one(np.ascontiguousarray(img)) for img in images]
+
+    def _one(self, image: np.ndarray) -> np.ndarray:
+        h, w = image.shape[:2]
+        big = image
+        if self.scale > 1:
+            big = np.asarray(Image.fromarray(image).resize((round(w * self.scale), round(h * self.scale)), Image.BILINEAR))
+        if self.kind == "hog":
+            rects, scores, _ = self.model.run(big, 0, self.threshold)
+        else:
+            found = self.model(big, 0)
+            rects = [d.rect for d in found]
+            scores = [d.confidence for d in found]
+            keep = [i for i, s in enumerate(scores) if s >= self.threshold]
+            rects, scores = [rects[i] for i in keep], [scores[i] for i in keep]
+        if not rects:
+            return np.zeros((0, 5), np.float32)
+        boxes = np.array([[r.left(), r.top(), r.right() + 1, r.bottom() + 1] for r in rects], np.float32) / np.float32(self.scale)
+        boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
+        boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
+        return np.concatenate([boxes, np.asarray(scores, np.float32)[:, None]], axis=1)

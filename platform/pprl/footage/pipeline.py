@@ -5,6 +5,7 @@ Per video (``process_video``)::
     decode (PyAV) -> detect faces (batch of frames) -> track (IoU, bridges 1-2 missed frames)
       -> crop with margin -> Anonymizer.run on every face of a batch of frames at once -> feathered paste-back
       -> encode at the input's timestamps, audio packets remuxed unchanged -> faces.parquet rows (streamed)
+      -> leak audit of the written video (``pprl.footage.audit``): suspects as faces.parquet rows and a contact sheet
 
 Only ``batch_frames + max_gap`` decoded frames are held at a time. The video and its ``faces.parquet`` are written
 to staging files and moved into place when complete, the video first: an existing ``faces.parquet`` means the video
@@ -38,6 +39,8 @@ import pyarrow.parquet as pq
 
 from pprl import cluster, storage
 from pprl.config import EXPRESSIONS
+from pprl.data.dataset import encode_png
+from pprl.footage.audit import AuditOptions, AuditResult, AuditTrail, audit_video, contact_sheet, suspect_columns
 from pprl.footage.detect import DetectorSpec, make_detector
 from pprl.footage.paste import crop_region, extract, paste
 from pprl.footage.track import Face, IoUTracker
@@ -51,6 +54,8 @@ log = logging.getLogger(__name__)
 INDEX_NAME = "index.parquet"
 FACES_SUFFIX = ".faces.parquet"
 SUMMARY_KEY = b"pprl.footage.summary"  # faces.parquet metadata: the video's index row, so the index can be rebuilt
+AUDIT_KEY = b"pprl.footage.audit"  # faces.parquet metadata: the leak audit's record (AuditResult.record)
+SUSPECTS_SUFFIX = ".suspects.png"
 
 _SHARED = ("target_identity", "expression", "expression_probs", "latent", "model_version", "error")
 FACES_SCHEMA = pa.schema(
@@ -58,13 +63,14 @@ FACES_SCHEMA = pa.schema(
         pa.field("video_uri", pa.string(), nullable=False),  # the input video
         pa.field("frame_index", pa.int64(), nullable=False),  # 0-based decoded frame number
         pa.field("timestamp", pa.float64(), nullable=False),  # seconds, from the frame's presentation time
-        pa.field("track_id", pa.int32(), nullable=False),  # per video, from 0
+        pa.field("track_id", pa.int32()),  # per video, from 0; null for suspects
         pa.field("box", pa.list_(pa.float32(), 4)),  # x0, y0, x1, y1 in full-resolution pixels
         pa.field("score", pa.float32()),  # detector score; null for bridged faces
         pa.field("bridged", pa.bool_()),  # box interpolated by the tracker over a missed detection
         *(f for f in face_schema.FACE_FIELDS if f.name in _SHARED),  # same names and types as the batch jobs
+        pa.field("kind", pa.string(), nullable=False),  # replaced | suspect (a face the leak audit found outside every replaced crop)
     ],
-    metadata={"pprl.schema": "footage-faces/v1"},
+    metadata={"pprl.schema": "footage-faces/v2"},
 )
 INDEX_SCHEMA = pa.schema(
     [
@@ -79,8 +85,11 @@ INDEX_SCHEMA = pa.schema(
         pa.field("error", pa.string()),
         pa.field("model_version", pa.string()),
         pa.field("finished_at", pa.string()),  # ISO 8601, UTC
+        pa.field("audited_frames", pa.int64()),  # frames the leak audit scanned; null when it did not run
+        pa.field("suspect_frames", pa.int64()),  # frames with a face the audit found outside every replaced crop
+        pa.field("suspects_uri", pa.string()),  # the contact sheet of the suspects (PNG); null when there are none
     ],
-    metadata={"pprl.schema": "footage-index/v1"},
+    metadata={"pprl.schema": "footage-index/v2"},
 )
 
 
@@ -151,6 +160,7 @@ class FootageOptions:
     log_every: int = 500  # frames between progress lines in the worker log
     export_unaudited_latent: bool = False  # the operator's override of the latent gate (pprl.train.export.latent_gate)
     latent: LatentGate | None = None  # the gate's decision, taken once per run by anonymize_footage
+    audit: AuditOptions = field(default_factory=AuditOptions)  # the leak audit of every written video
 
     def __post_init__(self) -> None:
         if self.batch_frames < 1 or self.max_faces_per_batch < 1:
@@ -167,6 +177,10 @@ class VideoTask:
     rel: str  # path relative to the input root, '/'-separated
     output_uri: str
     faces_uri: str
+
+    @property
+    def suspects_uri(self) -> str:
+        return self.output_uri + SUSPECTS_SUFFIX
 
 
 # --- one video -------------------------------------------------------------------------------------------------
@@ -204,16 +218,22 @@ class _FaceRows:
         self.export_latent = latent.exported
         self.count = 0
 
-    def add(self, columns: dict[str, list]) -> None:
+    def add(self, columns: dict[str, list], faces: bool = True) -> None:
+        """``faces``: the rows are replaced faces (counted in the index), not the audit's suspects."""
         if columns["frame_index"]:
             if not self.export_latent:
                 columns = {**columns, "latent": [None] * len(columns["frame_index"])}
             self.writer.write_table(pa.Table.from_pydict(columns, schema=self.schema))
-            self.count += len(columns["frame_index"])
+            self.count += len(columns["frame_index"]) if faces else 0
 
-    def close(self, summary: dict[str, Any] | None) -> None:
+    def close(self, summary: dict[str, Any] | None, audit: AuditResult | None = None) -> None:
+        meta = {}
         if summary is not None:
-            self.writer.add_key_value_metadata({SUMMARY_KEY: json.dumps(summary).encode()})
+            meta[SUMMARY_KEY] = json.dumps(summary).encode()
+        if audit is not None:
+            meta[AUDIT_KEY] = json.dumps(audit.record()).encode()
+        if meta:
+            self.writer.add_key_value_metadata(meta)
         self.writer.close()
 
 
@@ -228,6 +248,7 @@ class _VideoRun:
         self.by_index: dict[int, _Pending] = {}
         self.frames = 0
         self.tracks: set[int] = set()
+        self.trail = AuditTrail()  # what the leak audit needs to know about each frame
 
     def feed(self, frames: list[Frame]) -> None:
         detections = self.detector.detect([f.image for f in frames], [f.index for f in frames])
@@ -262,6 +283,8 @@ class _VideoRun:
             return
         n = self.model.num_identities
         regions = [crop_region(face.box, self.options.margin) for _, face in items]
+        for (_, face), region in zip(items, regions, strict=True):
+            self.trail.add(face, region, self.options.audit.low_score)
         crops = [extract(item.frame.image, region) for (item, _), region in zip(items, regions, strict=True)]
         targets = [self.options.policy.target(self.task.rel, face.track_id, n) for _, face in items]
         step = self.options.max_faces_per_batch
@@ -288,6 +311,7 @@ class _VideoRun:
             "latent": np.asarray(result.latents, np.float32).tolist(),
             "model_version": [self.model.version] * len(items),
             "error": [None] * len(items),
+            "kind": ["replaced"] * len(items),
         }
 
     def log_progress(self, started: float) -> None:
@@ -316,7 +340,7 @@ def _commit(staged: str, uri: str) -> None:
 
 
 @contextlib.contextmanager
-def _local_input(uri: str, tmp: str) -> Iterator[str]:
+def local_input(uri: str, tmp: str) -> Iterator[str]:
     """A local path to read: the file itself, or an S3 object downloaded (streamed to disk, not memory)."""
     if not storage.is_s3(uri):
         yield storage.strip_scheme(uri)
@@ -334,7 +358,7 @@ def process_video(task: VideoTask, options: FootageOptions) -> dict[str, Any]:
     latent = options.latent or latent_gate(options.model, options.export_unaudited_latent)
     staged: list[str] = []
     try:
-        with tempfile.TemporaryDirectory(prefix="pprl-footage-") as tmp, _local_input(task.input_uri, tmp) as src:
+        with tempfile.TemporaryDirectory(prefix="pprl-footage-") as tmp, local_input(task.input_uri, tmp) as src:
             video_tmp = _staging(task.output_uri, tmp, "video" + os.path.splitext(task.rel)[1])
             faces_tmp = _staging(task.faces_uri, tmp, "faces.parquet")
             staged += [video_tmp, faces_tmp]
@@ -344,18 +368,41 @@ def process_video(task: VideoTask, options: FootageOptions) -> dict[str, Any]:
                     detector = make_detector(options.detector, task.rel, options.use_gpu)
                     run = _VideoRun(task, options, model, detector, writer, rows)
                     _stream(reader, writer, run, options, started)
+                audit = _audit(video_tmp, task, run, options, started)
             except BaseException:
                 rows.close(None)
                 raise
-            row = _row(task, "done", run.frames, rows.count, len(run.tracks), time.time() - started, None, model.version)
-            rows.close(row)
+            row = _row(task, "done", run.frames, rows.count, len(run.tracks), time.time() - started, None, model.version, audit)
+            rows.close(row, audit)
             _commit(video_tmp, task.output_uri)
+            _write_sheet(task, audit)
             _commit(faces_tmp, task.faces_uri)  # last: its presence marks the video finished
             return row
     finally:
         for path in staged:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+
+def _audit(video: str, task: VideoTask, run: _VideoRun, options: FootageOptions, started: float) -> AuditResult | None:
+    """The leak audit of the written (staged) video; its suspects become faces.parquet rows."""
+    if not options.audit.enabled:
+        return None
+    audit = audit_video(video, run.trail, options.audit, run.frames, options.audit.budget * (time.time() - started))
+    run.rows.add(suspect_columns(audit, task.input_uri, run.rows.schema.names), faces=False)
+    level = logging.WARNING if audit.suspects else logging.INFO
+    log.log(level, "%s: leak audit (%s) scanned %d of %d frames in %.1f s: %d suspect faces in %d frames",
+            task.rel, options.audit.describe(), len(audit.audited), run.frames, audit.seconds, len(audit.suspects), audit.suspect_frames)
+    return audit
+
+
+def _write_sheet(task: VideoTask, audit: AuditResult | None) -> None:
+    """The suspects' contact sheet next to the video; a sheet left by an earlier run of this video is removed."""
+    if audit is not None and audit.suspects:
+        storage.write_bytes(task.suspects_uri, encode_png(contact_sheet(audit, task.rel)))
+    elif storage.exists(task.suspects_uri):
+        fs, path = storage.filesystem(task.suspects_uri)
+        fs.rm(path)
 
 
 def _stream(reader: VideoReader, writer: VideoWriter, run: _VideoRun, options: FootageOptions, started: float) -> None:
@@ -374,11 +421,13 @@ def _stream(reader: VideoReader, writer: VideoWriter, run: _VideoRun, options: F
     run.finish()
 
 
-def _row(task: VideoTask, status: str, frames, faces, tracks, seconds, error, version) -> dict[str, Any]:
+def _row(task: VideoTask, status: str, frames, faces, tracks, seconds, error, version, audit: AuditResult | None = None) -> dict[str, Any]:
     return {
         "video_uri": task.input_uri, "output_uri": task.output_uri, "faces_uri": task.faces_uri, "status": status,
         "frames": frames, "faces": faces, "tracks": tracks, "seconds": round(float(seconds), 3), "error": error,
         "model_version": version, "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "audited_frames": len(audit.audited) if audit else None, "suspect_frames": audit.suspect_frames if audit else None,
+        "suspects_uri": task.suspects_uri if audit and audit.suspects else None,
     }
 
 
@@ -459,6 +508,14 @@ class RunSummary:
     processed: int  # videos run by this call (done + error)
     skipped: int  # finished (or failed, without retry_errors) in an earlier run
     errors: int  # error rows written by this call
+    suspect_frames: int = 0  # frames with a leak-audit suspect, in the videos this call processed
+
+    @property
+    def suspect_videos(self) -> pd.DataFrame:
+        """Index rows of every video in the output (this call's and earlier ones) with leak-audit suspects."""
+        if not len(self.index) or "suspect_frames" not in self.index:
+            return self.index.iloc[:0]
+        return self.index[self.index.suspect_frames.fillna(0) > 0]
 
 
 def anonymize_footage(
@@ -496,34 +553,40 @@ def anonymize_footage(
     if not todo:
         table = write_index(output_uri, rows) if rows else pa.Table.from_pylist([], schema=INDEX_SCHEMA)
         return RunSummary(table.to_pandas(), 0, skipped, 0)
+    if options.audit.enabled:
+        log.info("leak audit of every written video: %s", options.audit.describe())
     gate.log(f"footage {input_uri} -> {output_uri}")
     if num_workers <= 0:
         results = _run_local(todo, options, cancelled)
     else:
         resources = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker if options.use_gpu else 0}
         results = _run_ray(todo, options, num_workers, resources, cancelled)
-    errors = 0
+    errors = suspects = 0
     with _progress_bar(len(todo), progress) as bar:
         frames, started = 0, time.time()
         for row in results:
             rows[row["video_uri"]] = row
             write_index(output_uri, rows)
             errors += row["status"] == "error"
+            suspects += row.get("suspect_frames") or 0
             frames += row["frames"] or 0
             rate = frames / max(time.time() - started, 1e-9)
             bar.update(1)
-            bar.set_postfix_str(f"{rate:.1f} frames/s, {errors} errors")
+            bar.set_postfix_str(f"{rate:.1f} frames/s, {errors} errors, {suspects} suspect frames")
             _log_row(row, bar.n, len(todo), rate)
             if on_row:
                 on_row(row)
     table = write_index(output_uri, rows)
-    return RunSummary(table.to_pandas(), len(todo), skipped, errors)
+    return RunSummary(table.to_pandas(), len(todo), skipped, errors, suspects)
 
 
 def _log_row(row: dict[str, Any], done: int, total: int, rate: float) -> None:
     if row["status"] == "done":
-        log.info("[%d/%d] done %s: %d frames, %d faces, %d tracks in %.1f s (run: %.1f frames/s)",
-                 done, total, row["video_uri"], row["frames"], row["faces"], row["tracks"], row["seconds"], rate)
+        audit = "not audited" if row.get("audited_frames") is None else f"{row['suspect_frames']} suspect frames"
+        if row.get("suspects_uri"):
+            audit += f" (see {row['suspects_uri']})"
+        log.info("[%d/%d] done %s: %d frames, %d faces, %d tracks, %s in %.1f s (run: %.1f frames/s)",
+                 done, total, row["video_uri"], row["frames"], row["faces"], row["tracks"], audit, row["seconds"], rate)
     else:
         log.warning("[%d/%d] error %s: %s", done, total, row["video_uri"], row["error"])
 
@@ -577,7 +640,7 @@ def run_footage_job(request, progress):
     ``request.identity`` maps onto the target policy: ``random`` -> random-per-track, ``N`` -> fixed N,
     ``pseudonym:<key>`` -> pseudonym keyed by the server's secret and ``<key>``. ``request.options`` may set
     ``detector``, ``num_workers`` (default ``request.actors``), ``batch_frames``, ``margin``, ``feather``, ``crf``,
-    ``retry_errors``. ``request.num_gpus`` > 0 runs each video task on that GPU share.
+    ``audit`` (``sample``, ``all``, ``off``), ``retry_errors``. ``request.num_gpus`` > 0 runs each video task on that GPU share.
     """
     opts = dict(request.options or {})
     identity = (request.identity or "random").strip()
@@ -597,6 +660,7 @@ def run_footage_job(request, progress):
         use_gpu=bool(request.num_gpus),
         encode=EncodeOptions(crf=int(opts.pop("crf", 18))),
         export_unaudited_latent=request.export_unaudited_latent,
+        audit=AuditOptions(mode=str(opts.pop("audit", "sample"))),
     )
     num_workers = int(opts.pop("num_workers", request.actors))
     retry_errors = bool(opts.pop("retry_errors", False))

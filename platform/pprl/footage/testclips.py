@@ -5,6 +5,7 @@
   a sidecar Parquet that the ``sidecar`` detector reads.
 - ``astronaut_clip``: scikit-image's public-domain ``astronaut()`` photo panned and zoomed into a short clip, with
   the true face box per frame, to check the default (CenterFace) detector on a real face.
+- ``hopper_clip``: the same for matplotlib's sample photo of Grace Hopper (public domain): a second real person.
 
 Faces are drawn in the middle third of a longer expression sequence, so every frame shows its expression clearly.
 """
@@ -28,6 +29,7 @@ from pprl.data.synth import draw_sequence_frame
 # default crop margin the square crop around it is the tile, which is how the model saw faces in training.
 FACE_IN_TILE = (0.18, 0.11, 0.82, 0.89)
 ASTRONAUT_FACE = (181.0, 58.0, 270.0, 178.0)  # the face in skimage.data.astronaut() (512x512), x0, y0, x1, y1
+HOPPER_FACE = (175.0, 132.0, 357.0, 336.0)  # the face in matplotlib's grace_hopper.jpg (512 wide, 600 high)
 
 
 @dataclass(frozen=True)
@@ -203,18 +205,34 @@ def astronaut_clip(path: str, frames: int = 48, width: int = 256, height: int = 
     """Pan and zoom over ``astronaut()``: the 4:3 window shrinks from 440 to 300 px wide while sliding right and down."""
     from skimage.data import astronaut
 
-    photo = Image.fromarray(astronaut())
+    return _pan_clip(path, astronaut(), ASTRONAUT_FACE, frames, width, height, fps, widths=(440, 300), start=(30, 10), shift=(60, 30))
+
+
+def hopper_clip(path: str, frames: int = 48, width: int = 256, height: int = 192, fps: int = 24) -> pd.DataFrame:
+    """Pan and zoom over matplotlib's ``grace_hopper.jpg``: the window shrinks from 512 to 400 px wide."""
+    from matplotlib import cbook
+
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as img:
+        photo = np.asarray(img.convert("RGB"))
+    return _pan_clip(path, photo, HOPPER_FACE, frames, width, height, fps, widths=(512, 400), start=(0, 40), shift=(60, 40))
+
+
+def _pan_clip(path: str, photo: np.ndarray, face: tuple[float, ...], frames: int, width: int, height: int, fps: int,
+              widths: tuple[float, float], start: tuple[float, float], shift: tuple[float, float]) -> pd.DataFrame:
+    """A window of the frame's aspect over ``photo`` that shrinks from ``widths[0]`` to ``widths[1]`` px while its
+    corner moves from ``start`` by ``shift``; returns the true face box per frame."""
+    image = Image.fromarray(photo)
     enc = _ClipEncoder(path, width, height, fps, None, 0, frames)
     rows = []
     for f in range(frames):
         a = f / max(1, frames - 1)
-        win_w = 440 - 140 * a
+        win_w = widths[0] + (widths[1] - widths[0]) * a
         win_h = win_w * height / width
-        x0, y0 = 30 + 60 * a, 10 + 30 * a
-        crop = photo.resize((width, height), Image.BICUBIC, box=(x0, y0, x0 + win_w, y0 + win_h))
+        x0, y0 = start[0] + shift[0] * a, start[1] + shift[1] * a
+        crop = image.resize((width, height), Image.BICUBIC, box=(x0, y0, x0 + win_w, y0 + win_h))
         enc.add(f, np.asarray(crop))
         s = width / win_w
-        fx0, fy0, fx1, fy1 = ASTRONAUT_FACE
+        fx0, fy0, fx1, fy1 = face
         rows.append({"frame_index": f, "box": [(fx0 - x0) * s, (fy0 - y0) * s, (fx1 - x0) * s, (fy1 - y0) * s]})
     enc.close()
     return pd.DataFrame(rows)
