@@ -6,7 +6,7 @@ to exit, so each pays its interpreter start, imports and model loading once:
 
 * pprl: ``pprl.footage.pipeline.process_video`` (what ``pprl anonymize-footage --num-workers 0`` runs per video:
   PyAV decode -> CenterFace at 640 px long side -> IoU tracking -> PPRL-VGAN on every face crop -> feathered paste ->
-  x264 encode, audio remuxed, faces.parquet) in a child process (``python bench/footage.py --worker ...``) that
+  x264 encode, audio remuxed, faces.parquet, then the default leak audit of the written video) in a child process (``python bench/footage.py --worker ...``) that
   wraps the pipeline's stage functions with timers (nothing in the pipeline changes; the wrappers call the real
   functions) and reports the time per stage. The child gets ``OMP_NUM_THREADS=1``, as Ray gives each 1-CPU video
   task of ``pprl anonymize-footage`` (torch then runs one thread; CenterFace's onnxruntime keeps its own pool);
@@ -34,7 +34,7 @@ from harness import REPO, Context, Figure
 log = logging.getLogger("bench.footage")
 WIDTH, HEIGHT, FPS = 1280, 720, 24
 STAGES = ("imports", "model + detector load", "decode", "detect", "crop", "anonymise (model)", "paste", "encode",
-          "faces.parquet", "other (tracking, bookkeeping, commit)")
+          "faces.parquet", "leak audit", "other (tracking, bookkeeping, commit)")
 
 
 def make_clip(ctx: Context) -> tuple[Path, int]:
@@ -104,18 +104,23 @@ def run(ctx: Context) -> list[Figure]:
 
 
 class StageClock:
-    """Accumulates wall time per stage; ``wrap`` returns a function that calls the real one under a stage's clock."""
+    """Accumulates wall time per stage; ``wrap`` returns a function that calls the real one under a stage's clock.
+    A stage entered inside another counts toward the outer one only (the leak audit's decoding is the audit's)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self.depth = 0
 
     @contextlib.contextmanager
     def stage(self, name: str):
         start = time.perf_counter()
+        self.depth += 1
         try:
             yield
         finally:
-            self.seconds[name] += time.perf_counter() - start
+            self.depth -= 1
+            if self.depth == 0:
+                self.seconds[name] += time.perf_counter() - start
 
     def wrap(self, name: str, fn):
         def timed(*args, **kwargs):
@@ -177,6 +182,7 @@ def instrumented_run(clip: str, output: str, model_uri: str) -> dict[str, Any]:
         mock.patch.object(VideoReader, "frames", clock.wrap_iterator("decode", VideoReader.frames)),
         mock.patch.object(VideoWriter, "write", clock.wrap("encode", VideoWriter.write)),
         mock.patch.object(VideoWriter, "close", clock.wrap("encode", VideoWriter.close)),
+        mock.patch.object(pipeline, "audit_video", clock.wrap("leak audit", pipeline.audit_video)),
     ]
     task = pipeline.VideoTask(clip, Path(clip).name, output, output + pipeline.FACES_SUFFIX)
     options = pipeline.FootageOptions(model=model_uri, detector=DetectorSpec("centerface"),
@@ -189,7 +195,7 @@ def instrumented_run(clip: str, output: str, model_uri: str) -> dict[str, Any]:
     clock.seconds["other (tracking, bookkeeping, commit)"] = total - sum(clock.seconds.values())
     import torch
 
-    return {"total_s": total, "frames": row["frames"], "faces": row["faces"], "seconds": dict(clock.seconds),
+    return {"total_s": total, "frames": row["frames"], "faces": row["faces"], "audited_frames": row["audited_frames"], "seconds": dict(clock.seconds),
             "torch_threads": torch.get_num_threads()}
 
 

@@ -65,6 +65,9 @@ def test_stage_clock_counts_the_producer_not_the_consumer():
     assert clock.wrap("model", lambda x: x + 1)(1) == 2
     assert 0.14 < clock.seconds["decode"] < 0.3
     assert clock.seconds["model"] < 0.05
+    with clock.stage("leak audit"):  # a stage inside another counts toward the outer one only
+        clock.wrap("model", time.sleep)(0.05)
+    assert clock.seconds["model"] < 0.05 and clock.seconds["leak audit"] >= 0.05
 
 
 class _Handler(BaseHTTPRequestHandler):
