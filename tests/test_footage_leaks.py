@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from pprl.footage import testclips
-from pprl.footage.audit import AuditOptions, AuditTrail, covered
+from pprl.footage.audit import AuditOptions, AuditTrail, Schedule, covered
 from pprl.footage.detect import DetectorError, DetectorSpec, DlibDetector, box_iou, dlib_model_path
 from pprl.footage.paste import Region
 from pprl.footage.pipeline import AUDIT_KEY, FACES_SCHEMA, INDEX_SCHEMA, FootageOptions, anonymize_footage
@@ -55,11 +55,40 @@ def test_audit_trail_marks_risk_frames_and_coverage_is_by_crop():
     trail.add(Face(40, np.zeros(4, np.float32), 0.55, track_id=1), region, low_score=0.7)  # a weak detection
     trail.add(Face(60, np.zeros(4, np.float32), None, track_id=2, bridged=True), region, low_score=0.7)
     # track 0: the frame before its start and after its end; tracks 1 and 2: around their frames (radius 1)
-    assert trail.risk_frames(1) == {8, 9, 10, 19, 20, 21, *range(38, 43), *range(58, 63)}
+    shaky = {*range(38, 43), *range(58, 63)}
+    assert trail.risk_frames(1, 100) == {8, 9, 10, 19, 20, 21} | shaky
+    assert trail.risk_frames(1, 20) == {8, 9, 10}  # in a 20-frame video track 0 lasts to the end: it was not lost
+    trail.add(Face(0, np.zeros(4, np.float32), 0.9, track_id=3), region, low_score=0.7)
+    assert trail.risk_frames(1, 20) == {8, 9, 10, 0, 1, 2}  # lost after frame 0; there is no frame before its start
+    assert trail.risk_frames(1, 100) == {8, 9, 10, 19, 20, 21, 0, 1, 2} | shaky
     assert covered(np.array([2, 2, 8, 8]), [region], 0.5) and not covered(np.array([6, 6, 16, 16]), [region], 0.5)
     assert not covered(np.array([2, 2, 8, 8]), [], 0.5)
     with pytest.raises(ValueError, match="--audit"):
         AuditOptions(mode="some")
+
+
+def simulate(schedule: Schedule, frames: int, scan_s: float, decode_s: float) -> tuple[list[int], float]:
+    """Drive the sample mode's schedule with a clock where decoding a frame and scanning one take fixed times."""
+    elapsed, scanned = 0.0, []
+    for i in range(frames):
+        elapsed += decode_s
+        if schedule.wants(i, elapsed):
+            scanned.append(i)
+            elapsed += scan_s
+            schedule.scanned(i, scan_s)
+    return scanned, elapsed
+
+
+def test_sample_mode_scans_risk_frames_first_and_spreads_the_rest_within_the_budget():
+    risk = {60, 61, 62, 90}
+    scanned, elapsed = simulate(Schedule(100, risk, budget_s=12.0), 100, scan_s=1.0, decode_s=0.01)
+    assert risk <= set(scanned) and elapsed <= 12.0 + 1e-9 and len(scanned) == 10
+    gaps = np.diff([f for f in scanned if f not in risk])
+    assert gaps.max() - gaps.min() <= 6  # evenly spread: about every 15th frame
+    # A budget smaller than the risk frames: it is still kept, and the frames left out are counted.
+    schedule = Schedule(100, risk, budget_s=3.0)
+    scanned, elapsed = simulate(schedule, 100, scan_s=1.0, decode_s=0.01)
+    assert elapsed <= 3.0 + 1.0 and schedule.skipped_risk == len(risk) - (len(scanned) - 1)
 
 
 def astronaut_input(root, missed: set[int]) -> pd.DataFrame:
@@ -71,15 +100,16 @@ def astronaut_input(root, missed: set[int]) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def missed_face(tmp_path_factory, tiny_bundle):
-    """The astronaut clip with frames 5-10 missing from the detections: through the CLI with the default audit
-    (``out``), and with ``--audit all`` (``all``)."""
+    """The astronaut clip with frames 5-10 missing from the detections: through the CLI with the sample audit
+    (``out``; with a budget that reaches every risk frame of this short clip and tiny model), and with ``--audit all``
+    (``all``)."""
     from pprl.cli import main
 
     root = tmp_path_factory.mktemp("missed")
     truth = astronaut_input(root, MISSED)
     with pytest.raises(SystemExit) as exit_:
         main(["anonymize-footage", "--input", str(root / "in"), "--output", str(root / "out"), "--model", tiny_bundle,
-              "--detector", f"sidecar:{root / 'boxes.parquet'}", "--num-workers", "0", "--no-progress", "--fail-on-suspect"])
+              "--detector", f"sidecar:{root / 'boxes.parquet'}", "--num-workers", "0", "--no-progress", "--audit-budget", "10", "--fail-on-suspect"])
     options = FootageOptions(model=tiny_bundle, detector=DetectorSpec.parse(f"sidecar:{root / 'boxes.parquet'}"), audit=AuditOptions(mode="all"))
     every = anonymize_footage(str(root / "in"), str(root / "all"), options, num_workers=0, progress=False)
     return {"root": root, "truth": truth, "exit": exit_.value.code, "all": every}
@@ -95,7 +125,7 @@ def test_audit_flags_the_frames_of_a_missed_face(missed_face):
     assert table.schema.equals(FACES_SCHEMA)
     faces = table.to_pandas()
     suspects = faces[faces.kind == "suspect"]
-    # Default (sample) mode: frames next to the end and start of the two tracks are scanned, which covers this gap.
+    # Sample mode: frames next to the end and start of the two tracks are risk frames, which covers this gap.
     assert set(suspects.frame_index) == MISSED and row["suspect_frames"] == len(MISSED)
     assert row["faces"] == FRAMES - len(MISSED) == (faces.kind == "replaced").sum()
     assert suspects.track_id.isna().all() and suspects.target_identity.isna().all()

@@ -7,15 +7,18 @@ crop is a *suspect*: a face that may have slipped through, or a false alarm of t
 
 Which frames (``AuditOptions.mode``):
 
-- ``sample`` (default): every *risk frame* (within ``radius`` frames of a track's start or end, of a bridged face or
-  of a detection scored below ``low_score``: where a detector that is about to miss a face shows it first), plus as
-  many evenly spread frames as fit in ``budget`` (0.25) of the time the video itself took to process.
+- ``sample`` (default): the audit may take ``budget`` (0.25) of the time the video itself took to process, its own
+  decoding included (``Schedule``). First come the *risk frames* (within ``radius`` frames of a track's start or end,
+  of a bridged face or of a detection scored below ``low_score``: where a detector that is about to miss a face
+  shows it first), then as many evenly spread frames as the rest of the budget affords.
 - ``all``: every frame.
 - ``off``: no audit.
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -78,11 +81,13 @@ class AuditTrail:
         if face.bridged or (face.score is not None and face.score < low_score):
             self.shaky.add(face.frame_index)
 
-    def risk_frames(self, radius: int) -> set[int]:
+    def risk_frames(self, radius: int, frames: int) -> set[int]:
+        """Frames within ``radius`` of a shaky frame, or of the frame just before a track's face was found or just
+        after it was lost (unless that is outside the video's ``frames``)."""
         events = set(self.shaky)
         for first, last in self.spans.values():
-            events.update((first - 1, last + 1))  # the frames just before a face was found and just after it was lost
-        return {f + d for f in events for d in range(-radius, radius + 1) if f + d >= 0}
+            events.update(f for f in (first - 1, last + 1) if 0 <= f < frames)
+        return {f + d for f in events for d in range(-radius, radius + 1) if 0 <= f + d < frames}
 
 
 @dataclass
@@ -101,6 +106,8 @@ class AuditResult:
     audited: list[int] = field(default_factory=list)  # frame indices scanned, in order
     suspects: list[Suspect] = field(default_factory=list)
     seconds: float = 0.0
+    budget_s: float | None = None  # the sample mode's time budget
+    skipped_risk: int = 0  # risk frames the sample mode's budget did not reach
 
     @property
     def suspect_frames(self) -> int:
@@ -111,7 +118,8 @@ class AuditResult:
         return {"detector": f"dlib-{self.options.detector}", "mode": self.options.mode, "min_face": self.options.min_face,
                 "threshold": self.options.threshold, "budget": self.options.budget, "frames": self.frames,
                 "audited_frames": len(self.audited), "audited_ranges": _ranges(self.audited),
-                "suspects": len(self.suspects), "suspect_frames": self.suspect_frames, "seconds": round(self.seconds, 3)}
+                "suspects": len(self.suspects), "suspect_frames": self.suspect_frames, "skipped_risk_frames": self.skipped_risk,
+                "seconds": round(self.seconds, 3)}
 
 
 def _ranges(indices: list[int]) -> list[list[int]]:
@@ -136,25 +144,63 @@ def covered(box: np.ndarray, regions: list[Region], coverage: float) -> bool:
     return False
 
 
+class Schedule:
+    """Which frames the sample mode scans, decided frame by frame within ``budget_s`` (decoding included).
+
+    The first frame is scanned to learn what a scan costs. A risk frame is scanned while the budget lasts. A regular
+    frame is scanned when it is its turn in an even spacing of the scans the budget still affords after the rest of
+    the video's decoding and its remaining risk frames, all at the mean costs measured so far."""
+
+    def __init__(self, frames: int, risk: set[int], budget_s: float):
+        self.frames, self.budget = max(frames, 1), budget_s
+        self.risk = sorted(risk)
+        self.scans, self.scan_s, self.last = 0, 0.0, -1
+        self.skipped_risk = 0
+
+    def wants(self, index: int, elapsed: float) -> bool:
+        if not self.scans:
+            return True
+        cost = self.scan_s / self.scans
+        if index in self._risk_set:
+            ok = elapsed + cost <= self.budget
+            self.skipped_risk += not ok
+            return ok
+        decoding = (elapsed - self.scan_s) / (index + 1)  # per frame, from the frames so far
+        risk_left = len(self.risk) - bisect.bisect_right(self.risk, index)
+        spare = self.budget - elapsed - decoding * (self.frames - index - 1) - cost * (risk_left + 1)  # + 1: scans vary
+        affordable = int(spare // cost)
+        return affordable >= 1 and index - self.last >= (self.frames - index) / affordable
+
+    def scanned(self, index: int, seconds: float) -> None:
+        self.scans += 1
+        self.scan_s += seconds
+        if index not in self._risk_set:
+            self.last = index
+
+    @functools.cached_property
+    def _risk_set(self) -> set[int]:
+        return set(self.risk)
+
+
 def audit_video(path: str, trail: AuditTrail, options: AuditOptions, frames: int, budget_s: float) -> AuditResult:
-    """Scan the written video at ``path``; ``budget_s`` bounds the sample mode's time beyond the risk frames."""
+    """Scan the written video at ``path``; in sample mode the audit's whole time stays within about ``budget_s``
+    (one scan over it at most: the first)."""
     detector = DlibDetector(options.detector, options.min_face, options.threshold)
-    risk = trail.risk_frames(options.radius)
-    result = AuditResult(options, frames=frames)
+    schedule = Schedule(frames, trail.risk_frames(options.radius, frames), budget_s)
+    result = AuditResult(options, frames=frames, budget_s=budget_s if options.mode == "sample" else None)
     started = time.perf_counter()
     with VideoReader(path) as reader:
         for frame in reader.frames():
-            spent = time.perf_counter() - started
-            paced = spent <= budget_s * (frame.index + 1) / max(frames, 1)  # keep pace with the budget over the video
-            if options.mode == "all" or frame.index in risk or paced:
+            if options.mode == "all" or schedule.wants(frame.index, time.perf_counter() - started):
+                scan_started = time.perf_counter()
                 result.audited.append(frame.index)
-                dets = detector.detect([frame.image], [frame.index])[0]
-                for det in dets:
+                for det in detector.detect([frame.image], [frame.index])[0]:
                     if not covered(det, trail.crops.get(frame.index, []), options.coverage):
-                        keep = len(result.suspects) < SHEET_MAX
-                        crop = _context(frame.image, det) if keep else None
+                        crop = _context(frame.image, det) if len(result.suspects) < SHEET_MAX else None
                         result.suspects.append(Suspect(frame.index, frame.time, det[:4].copy(), float(det[4]), crop))
+                schedule.scanned(frame.index, time.perf_counter() - scan_started)
     result.seconds = time.perf_counter() - started
+    result.skipped_risk = schedule.skipped_risk
     return result
 
 

@@ -391,8 +391,12 @@ def _audit(video: str, task: VideoTask, run: _VideoRun, options: FootageOptions,
     audit = audit_video(video, run.trail, options.audit, run.frames, options.audit.budget * (time.time() - started))
     run.rows.add(suspect_columns(audit, task.input_uri, run.rows.schema.names), faces=False)
     level = logging.WARNING if audit.suspects else logging.INFO
-    log.log(level, "%s: leak audit (%s) scanned %d of %d frames in %.1f s: %d suspect faces in %d frames",
-            task.rel, options.audit.describe(), len(audit.audited), run.frames, audit.seconds, len(audit.suspects), audit.suspect_frames)
+    budget = "" if audit.budget_s is None else f" (budget {audit.budget_s:.1f} s)"
+    log.log(level, "%s: leak audit (%s) scanned %d of %d frames in %.1f s%s: %d suspect faces in %d frames", task.rel,
+            options.audit.describe(), len(audit.audited), run.frames, audit.seconds, budget, len(audit.suspects), audit.suspect_frames)
+    if audit.skipped_risk:
+        log.warning("%s: the leak audit's time budget left %d risk frames unscanned: raise --audit-budget or use --audit all",
+                    task.rel, audit.skipped_risk)
     return audit
 
 
