@@ -360,6 +360,7 @@ def test_faces_and_index_parquet_follow_the_schema(judged_run):
     df = index.to_pandas()
     assert set(df.video_uri) == {str(root / "in" / rel) for rel in JUDGED_CLIPS}
     assert (df.frames == 48).all() and (df.tracks == 3).all() and df.error.isna().all()
+    assert (df.suspect_frames == 0).all() and (df.audited_frames > 0).all()  # the default leak audit ran and found nothing
     for rel in JUDGED_CLIPS:
         table = pq.read_table(root / "out" / (rel + ".faces.parquet"))
         assert table.schema.equals(FACES_SCHEMA)
@@ -369,6 +370,7 @@ def test_faces_and_index_parquet_follow_the_schema(judged_run):
         assert {len(v) for v in faces.expression_probs} == {7}
         assert faces.latent.isna().all() and schema.latent_record(table.schema)["audit"] == "missing"  # an unaudited bundle
         assert faces.expression.isin(["anger", "disgust", "fear", "joy", "neutral", "sadness", "surprise"]).all()
+        assert (faces.kind == "replaced").all()
 
 
 @pytest.mark.slow

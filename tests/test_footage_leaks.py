@@ -41,6 +41,9 @@ def test_dlib_detector_finds_real_faces_of_min_face_and_larger():
     assert len(DlibDetector("hog", min_face=80).detect([small], [0])[0]) == 0  # below its min_face
     found = DlibDetector("hog", min_face=40).detect([small], [0])[0]
     assert len(found) == 1 and box_iou(found[:, :4], np.array([testclips.ASTRONAUT_FACE]) / 2)[0, 0] > 0.5  # mapped back
+    crop = np.ascontiguousarray(photo[20:220, 140:310])  # the face at its own size, 89 px wide: the CNN's cheap case
+    cnn = DlibDetector("cnn", min_face=80).detect([crop], [0])[0]
+    assert len(cnn) == 1 and box_iou(cnn[:, :4] + [140, 20, 140, 20], np.array([testclips.ASTRONAUT_FACE]))[0, 0] > 0.5
     with pytest.raises(DetectorError, match="'hog' or 'cnn'"):
         DlibDetector("yolo")
     with pytest.raises(DetectorError, match="missing"):

@@ -44,7 +44,7 @@ def anonymize_footage_command(
         "detections, plus evenly spread frames within --audit-budget) or 'all' frames.",
     ),  # fmt: skip
     no_audit: bool = typer.Option(False, "--no-audit", help="Skip the leak audit."),
-    audit_detector: str = typer.Option("hog", "--audit-detector", help="dlib's 'hog' (fast) or 'cnn' (more poses, ~100x slower on CPU)."),
+    audit_detector: str = typer.Option("hog", "--audit-detector", help="dlib's 'hog' (fast) or 'cnn' (more poses, ~70x slower on CPU)."),
     audit_min_face: int = typer.Option(40, "--audit-min-face", help="Smallest face side (px, full resolution) the audit looks for."),
     audit_budget: float = typer.Option(0.25, "--audit-budget", help="--audit sample: the audit's time as a fraction of the video's own."),
     fail_on_suspect: bool = typer.Option(False, "--fail-on-suspect", help="Exit 1 when any video in --output has a leak-audit suspect."),
@@ -95,7 +95,7 @@ def evaluate_footage_command(
         help="A photo of the person (repeatable). Default: the person is every face found in the input video.",
     ),  # fmt: skip
     distances: str = typer.Option(None, "--distances", help="Per-frame distances (Parquet). Default: <output>.reid.parquet, or <output>/reid.parquet for a folder."),
-    detector: str = typer.Option("hog", "--detector", help="dlib's 'hog' or 'cnn' face detector (cnn: ~100x slower on CPU)."),
+    detector: str = typer.Option("hog", "--detector", help="dlib's 'hog' or 'cnn' face detector (cnn: ~70x slower on CPU)."),
     min_face: int = typer.Option(40, "--min-face", help="Smallest face side (px) looked for."),
     every: int = typer.Option(1, "--every", help="Evaluate every N-th frame."),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 when any output frame recognises the person."),

@@ -234,7 +234,7 @@ def _dlib_detector(kind: str):
 
 class DlibDetector:
     """dlib's face detector at full resolution: ``hog`` (HOG + linear SVM, frontal and near-frontal faces, tens of ms
-    per VGA frame on a CPU core) or ``cnn`` (the MMOD CNN, more poses, about 100x slower on a CPU).
+    per VGA frame on a CPU core) or ``cnn`` (the MMOD CNN, more poses, 60-80x slower on a CPU).
 
     Both slide a window of about 80 px, so frames are enlarged by ``80 / min_face`` first: faces of ``min_face`` px
     and larger are found. ``threshold`` is added to the detector's own decision threshold (0: dlib's default)."""
