@@ -44,7 +44,7 @@ class AuditOptions:
     detector: str = "hog"  # dlib's hog or cnn
     min_face: int = 40  # px at full resolution: the smallest face the audit looks for
     threshold: float = 0.0  # added to dlib's decision threshold
-    budget: float = 0.25  # sample mode: audit time, as a fraction of the video's processing time (risk frames always)
+    budget: float = 0.25  # sample mode: the audit's time, as a fraction of the video's own processing time
     low_score: float = 0.7  # a detection scored below this makes its frame a risk frame
     radius: int = 2  # frames on each side of a risk event that are scanned
     coverage: float = 0.5  # an audit box is covered when this share of it lies inside one replaced crop
@@ -62,7 +62,7 @@ class AuditOptions:
         return self.mode != "off"
 
     def describe(self) -> str:
-        how = "every frame" if self.mode == "all" else f"risk frames + {self.budget:.0%} time budget"
+        how = "every frame" if self.mode == "all" else f"risk frames first, within {self.budget:.0%} of the video's time"
         return f"dlib-{self.detector}, faces >= {self.min_face} px, {how}"
 
 

@@ -160,7 +160,9 @@ def _nearest(faces: np.ndarray, gallery: np.ndarray, exclude: np.ndarray | None 
         gallery = gallery[~exclude]
     if not len(faces) or not len(gallery):
         return None
-    return float(np.sqrt(((faces[:, None, :] - gallery[None, :, :]) ** 2).sum(-1)).min())
+    faces, gallery = faces.astype(np.float64), gallery.astype(np.float64)
+    squared = (faces**2).sum(1)[:, None] + (gallery**2).sum(1)[None, :] - 2 * faces @ gallery.T  # no (K, N, 128) array
+    return float(np.sqrt(max(float(squared.min()), 0.0)))
 
 
 def pairs(input_uri: str, output_uri: str) -> list[tuple[str, str]]:
