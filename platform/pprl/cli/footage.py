@@ -36,6 +36,10 @@ def anonymize_footage_command(
         False, "--export-unaudited-latent",
         help="Write the latent into faces.parquet although the bundle's privacy audit did not pass (recorded there).",
     ),  # fmt: skip
+    smooth_frames: int = typer.Option(
+        FootageOptions.smooth_frames, "--smooth-frames",
+        help="Render each track from a moving average of its latent over about N frames (less flicker; expression lags (N-1)/2 frames); 0: off.",
+    ),  # fmt: skip
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Anonymise archived footage: detect, track and replace every face, keep the audio, write per-face Parquet."""
@@ -51,6 +55,7 @@ def anonymize_footage_command(
             use_gpu=use_gpu,
             encode=EncodeOptions(codec=codec, crf=crf),
             export_unaudited_latent=export_unaudited_latent,
+            smooth_frames=smooth_frames,
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
@@ -61,6 +66,8 @@ def anonymize_footage_command(
     done = int((index["status"] == "done").sum()) if len(index) else 0
     typer.echo(f"{output}: {done} videos done, {len(index) - done} failed in total; this run processed {summary.processed} "
                f"({summary.errors} errors), skipped {summary.skipped}. See {output.rstrip('/')}/index.parquet")
+    if summary.domain_warning:
+        typer.echo(f"WARNING: {summary.domain_warning}")
 
 
 def register(app: typer.Typer) -> None:

@@ -3,7 +3,8 @@
 Per video (``process_video``)::
 
     decode (PyAV) -> detect faces (batch of frames) -> track (IoU, bridges 1-2 missed frames)
-      -> crop with margin -> Anonymizer.run on every face of a batch of frames at once -> feathered paste-back
+      -> crop with margin -> Anonymizer.run on every face of a batch of frames at once (the latent optionally
+      smoothed per track) -> feathered paste-back -> per face: domain score, frame-to-frame change, judged identity
       -> encode at the input's timestamps, audio packets remuxed unchanged -> faces.parquet rows (streamed)
 
 Only ``batch_frames + max_gap`` decoded frames are held at a time. The video and its ``faces.parquet`` are written
@@ -38,8 +39,10 @@ import pyarrow.parquet as pq
 
 from pprl import cluster, storage
 from pprl.config import EXPRESSIONS
+from pprl.domain import missing_note, mostly_out_of_domain
 from pprl.footage.detect import DetectorSpec, make_detector
 from pprl.footage.paste import crop_region, extract, paste
+from pprl.footage.stability import TrackMemory, flicker
 from pprl.footage.track import Face, IoUTracker
 from pprl.footage.video import VIDEO_SUFFIXES, EncodeOptions, Frame, VideoReader, VideoWriter
 from pprl.serve import schema as face_schema
@@ -63,6 +66,14 @@ FACES_SCHEMA = pa.schema(
         pa.field("score", pa.float32()),  # detector score; null for bridged faces
         pa.field("bridged", pa.bool_()),  # box interpolated by the tracker over a missed detection
         *(f for f in face_schema.FACE_FIELDS if f.name in _SHARED),  # same names and types as the batch jobs
+        # the domain check (pprl.domain); null when the bundle has no domain statistics
+        pa.field("domain_distance", pa.float32()),  # Mahalanobis distance of the latent from the training faces'
+        pa.field("domain_percentile", pa.float32()),  # share (%) of the training faces that lie closer
+        pa.field("out_of_domain", pa.bool_()),  # domain_percentile > 99
+        # temporal stability (pprl.footage.stability); the changes are null on a track's first frame
+        pa.field("source_change", pa.float32()),  # mean |change| of the original face since the track's previous frame
+        pa.field("render_change", pa.float32()),  # the same for the replaced face, as pasted
+        pa.field("judged_identity", pa.int32()),  # identity the model's discriminator reads in the replaced face
     ],
     metadata={"pprl.schema": "footage-faces/v1"},
 )
@@ -79,6 +90,9 @@ INDEX_SCHEMA = pa.schema(
         pa.field("error", pa.string()),
         pa.field("model_version", pa.string()),
         pa.field("finished_at", pa.string()),  # ISO 8601, UTC
+        pa.field("out_of_domain_share", pa.float64()),  # share of the faces out of domain; null without domain statistics
+        pa.field("flicker", pa.float64()),  # sum(render_change) / sum(source_change) over the video's faces
+        pa.field("identity_consistency", pa.float64()),  # share of faces whose judged identity is their target
     ],
     metadata={"pprl.schema": "footage-index/v1"},
 )
@@ -151,10 +165,13 @@ class FootageOptions:
     log_every: int = 500  # frames between progress lines in the worker log
     export_unaudited_latent: bool = False  # the operator's override of the latent gate (pprl.train.export.latent_gate)
     latent: LatentGate | None = None  # the gate's decision, taken once per run by anonymize_footage
+    smooth_frames: int = 2  # per-track moving average of the rendered latent over about this many frames; 0/1: off
 
     def __post_init__(self) -> None:
         if self.batch_frames < 1 or self.max_faces_per_batch < 1:
             raise ValueError(f"batch_frames ({self.batch_frames}) and max_faces_per_batch ({self.max_faces_per_batch}) must be >= 1")
+        if self.smooth_frames < 0:
+            raise ValueError(f"smooth_frames must be >= 0 (0 = off), got {self.smooth_frames}")
         if not 0 <= self.margin <= 2 or not 0 <= self.feather <= 0.5:
             raise ValueError(f"margin must be in [0, 2] (got {self.margin}) and feather in [0, 0.5] (got {self.feather})")
 
@@ -217,13 +234,44 @@ class _FaceRows:
         self.writer.close()
 
 
+@dataclass
+class _Figures:
+    """A video's domain and stability figures, summed over its faces as they are written (its index row's columns)."""
+
+    scored: int = 0  # faces with a domain score
+    out_of_domain: int = 0
+    render_change: float = 0.0
+    source_change: float = 0.0
+    judged: int = 0
+    consistent: int = 0
+
+    def add(self, columns: dict[str, list]) -> None:
+        ood = [v for v in columns["out_of_domain"] if v is not None]
+        self.scored += len(ood)
+        self.out_of_domain += sum(ood)
+        pairs = [(r, s) for r, s in zip(columns["render_change"], columns["source_change"], strict=True) if r is not None and s is not None]
+        self.render_change += sum(r for r, _ in pairs)
+        self.source_change += sum(s for _, s in pairs)
+        self.judged += len(columns["judged_identity"])
+        self.consistent += sum(j == t for j, t in zip(columns["judged_identity"], columns["target_identity"], strict=True))
+
+    def row(self) -> dict[str, float | None]:
+        return {
+            "out_of_domain_share": self.out_of_domain / self.scored if self.scored else None,
+            "flicker": flicker([self.render_change], [self.source_change]),
+            "identity_consistency": self.consistent / self.judged if self.judged else None,
+        }
+
+
 class _VideoRun:
-    """The frame loop of one video: detect -> track -> (once settled) anonymise -> paste -> encode."""
+    """The frame loop of one video: detect -> track -> (once settled) anonymise -> paste -> measure -> encode."""
 
     def __init__(self, task: VideoTask, options: FootageOptions, model, detector, writer: VideoWriter, rows: _FaceRows):
         self.task, self.options, self.model, self.detector = task, options, model, detector
         self.writer, self.rows = writer, rows
         self.tracker = IoUTracker(options.iou_threshold, options.max_gap)
+        self.memory = TrackMemory(model.image_size, options.feather, options.smooth_frames)
+        self.figures = _Figures()
         self.pending: deque[_Pending] = deque()
         self.by_index: dict[int, _Pending] = {}
         self.frames = 0
@@ -256,7 +304,8 @@ class _VideoRun:
             self.frames += len(ready)
 
     def _anonymise(self, ready: list[_Pending]) -> None:
-        """Every face of the ready frames in as few model calls as possible; crops are taken before any paste."""
+        """Every face of the ready frames in as few model calls as possible; crops are taken before any paste, the
+        stability figures after every paste (frames in order, so each track's faces come in frame order)."""
         items = [(item, face) for item in ready for face in item.faces]
         if not items:
             return
@@ -264,16 +313,36 @@ class _VideoRun:
         regions = [crop_region(face.box, self.options.margin) for _, face in items]
         crops = [extract(item.frame.image, region) for (item, _), region in zip(items, regions, strict=True)]
         targets = [self.options.policy.target(self.task.rel, face.track_id, n) for _, face in items]
+        track_ids = [face.track_id for _, face in items]
         step = self.options.max_faces_per_batch
+        results = []
         for start in range(0, len(items), step):
-            result = self.model.run(crops[start : start + step], np.asarray(targets[start : start + step], np.int64))
+            ids = track_ids[start : start + step]
+            smooth = (lambda z, ids=ids: self.memory.smooth(ids, z)) if self.memory.smoothing else None
+            result = self.model.run(crops[start : start + step], np.asarray(targets[start : start + step], np.int64), latent_filter=smooth)
             for j, k in enumerate(range(start, min(start + step, len(items)))):
                 paste(items[k][0].frame.image, regions[k], np.asarray(result.images[j]), self.options.feather)
-            self.rows.add(self._columns(items[start : start + step], result))
-        self.tracks.update(face.track_id for _, face in items)
+            results.append((start, result))
+        measured = self._measure(items, regions, crops)
+        for start, result in results:
+            part = slice(start, start + len(result.images))
+            columns = self._columns(items[part], result, {name: values[part] for name, values in measured.items()})
+            self.figures.add(columns)
+            self.rows.add(columns)
+        self.tracks.update(track_ids)
+        self.memory.forget(t.id for t in self.tracker.tracks)
 
-    def _columns(self, items: list[tuple[_Pending, Face]], result) -> dict[str, list]:
+    def _measure(self, items: list[tuple[_Pending, Face]], regions: list, crops: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """Per face, once every face of these frames is pasted: the identity the model's discriminator reads in the
+        replaced face, and the frame-to-frame change of the original and of the replaced face along its track."""
+        pasted = [extract(item.frame.image, region) for (item, _), region in zip(items, regions, strict=True)]
+        source_change, render_change = self.memory.changes([face.track_id for _, face in items], crops, pasted)
+        judged = self.model.predict_identity(pasted).argmax(1)
+        return {"judged_identity": judged, "source_change": source_change, "render_change": render_change}
+
+    def _columns(self, items: list[tuple[_Pending, Face]], result, measured: dict[str, np.ndarray]) -> dict[str, list]:
         probs = np.asarray(result.expression_probs, np.float32)
+        domain = result.domain
         return {
             "video_uri": [self.task.input_uri] * len(items),
             "frame_index": [item.frame.index for item, _ in items],
@@ -288,11 +357,21 @@ class _VideoRun:
             "latent": np.asarray(result.latents, np.float32).tolist(),
             "model_version": [self.model.version] * len(items),
             "error": [None] * len(items),
+            "domain_distance": domain.distance.tolist() if domain is not None else [None] * len(items),
+            "domain_percentile": domain.percentile.tolist() if domain is not None else [None] * len(items),
+            "out_of_domain": domain.out_of_domain.tolist() if domain is not None else [None] * len(items),
+            "source_change": _nullable(measured["source_change"]),
+            "render_change": _nullable(measured["render_change"]),
+            "judged_identity": [int(i) for i in measured["judged_identity"]],
         }
 
     def log_progress(self, started: float) -> None:
         rate = self.frames / max(time.time() - started, 1e-9)
         log.info("%s: %d frames, %d faces, %.1f frames/s", self.task.rel, self.frames, self.rows.count, rate)
+
+
+def _nullable(values: np.ndarray) -> list[float | None]:
+    return [None if np.isnan(v) else float(v) for v in values]
 
 
 def _staging(uri: str, tmp: str, name: str) -> str:
@@ -347,7 +426,7 @@ def process_video(task: VideoTask, options: FootageOptions) -> dict[str, Any]:
             except BaseException:
                 rows.close(None)
                 raise
-            row = _row(task, "done", run.frames, rows.count, len(run.tracks), time.time() - started, None, model.version)
+            row = _row(task, "done", run.frames, rows.count, len(run.tracks), time.time() - started, None, model.version) | run.figures.row()
             rows.close(row)
             _commit(video_tmp, task.output_uri)
             _commit(faces_tmp, task.faces_uri)  # last: its presence marks the video finished
@@ -459,6 +538,7 @@ class RunSummary:
     processed: int  # videos run by this call (done + error)
     skipped: int  # finished (or failed, without retry_errors) in an earlier run
     errors: int  # error rows written by this call
+    domain_warning: str | None = None  # set when most faces of this call were out of the model's domain (logged once)
 
 
 def anonymize_footage(
@@ -497,12 +577,14 @@ def anonymize_footage(
         table = write_index(output_uri, rows) if rows else pa.Table.from_pylist([], schema=INDEX_SCHEMA)
         return RunSummary(table.to_pandas(), 0, skipped, 0)
     gate.log(f"footage {input_uri} -> {output_uri}")
+    if not info.get("domain"):
+        log.warning("%s", missing_note(options.model))
     if num_workers <= 0:
         results = _run_local(todo, options, cancelled)
     else:
         resources = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker if options.use_gpu else 0}
         results = _run_ray(todo, options, num_workers, resources, cancelled)
-    errors = 0
+    errors, scored, out_of_domain = 0, 0, 0
     with _progress_bar(len(todo), progress) as bar:
         frames, started = 0, time.time()
         for row in results:
@@ -510,6 +592,9 @@ def anonymize_footage(
             write_index(output_uri, rows)
             errors += row["status"] == "error"
             frames += row["frames"] or 0
+            if row.get("out_of_domain_share") is not None:
+                scored += row["faces"]
+                out_of_domain += round(row["out_of_domain_share"] * row["faces"])
             rate = frames / max(time.time() - started, 1e-9)
             bar.update(1)
             bar.set_postfix_str(f"{rate:.1f} frames/s, {errors} errors")
@@ -517,7 +602,10 @@ def anonymize_footage(
             if on_row:
                 on_row(row)
     table = write_index(output_uri, rows)
-    return RunSummary(table.to_pandas(), len(todo), skipped, errors)
+    warning = mostly_out_of_domain(scored, out_of_domain)
+    if warning:
+        log.warning("%s", warning)
+    return RunSummary(table.to_pandas(), len(todo), skipped, errors, warning)
 
 
 def _log_row(row: dict[str, Any], done: int, total: int, rate: float) -> None:
@@ -577,7 +665,7 @@ def run_footage_job(request, progress):
     ``request.identity`` maps onto the target policy: ``random`` -> random-per-track, ``N`` -> fixed N,
     ``pseudonym:<key>`` -> pseudonym keyed by the server's secret and ``<key>``. ``request.options`` may set
     ``detector``, ``num_workers`` (default ``request.actors``), ``batch_frames``, ``margin``, ``feather``, ``crf``,
-    ``retry_errors``. ``request.num_gpus`` > 0 runs each video task on that GPU share.
+    ``smooth_frames``, ``retry_errors``. ``request.num_gpus`` > 0 runs each video task on that GPU share.
     """
     opts = dict(request.options or {})
     identity = (request.identity or "random").strip()
@@ -597,6 +685,7 @@ def run_footage_job(request, progress):
         use_gpu=bool(request.num_gpus),
         encode=EncodeOptions(crf=int(opts.pop("crf", 18))),
         export_unaudited_latent=request.export_unaudited_latent,
+        smooth_frames=int(opts.pop("smooth_frames", FootageOptions.smooth_frames)),
     )
     num_workers = int(opts.pop("num_workers", request.actors))
     retry_errors = bool(opts.pop("retry_errors", False))
