@@ -174,8 +174,15 @@ def trained_model(synth_data, tmp_path_factory) -> str:
     """A cpu-quick bundle trained once per session on the synthetic default.
 
     Set ``PPRL_TEST_MODEL_CACHE=DIR`` to reuse (or create once) a bundle across sessions while developing; CI trains it.
+    A cached bundle exported before bundles carried domain statistics gets them here (``pprl domain-stats``), as its
+    training would have written them.
     """
     cache = os.environ.get("PPRL_TEST_MODEL_CACHE")
     if cache and (Path(cache) / "bundle.json").exists():
+        from pprl.domain import attach_domain
+        from pprl.train.export import bundle_info
+
+        if "domain" not in bundle_info(cache):
+            attach_domain(cache, synth_data)
         return cache
     return train_quick_model(synth_data, cache or str(tmp_path_factory.mktemp("model") / "bundle"))

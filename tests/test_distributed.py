@@ -94,9 +94,10 @@ def check_run(run: str, epochs: int) -> None:
     ckpt = storage.join(run, checkpoints(run)[-1])
     check_ranks_agree(run, ckpt)
     assert storage.exists(storage.join(ckpt, "rng-0.pt")) and storage.exists(storage.join(ckpt, "rng-1.pt"))
-    for name in ("model.pt", "config.yaml", "bundle.json"):
+    for name in ("model.pt", "config.yaml", "domain.npz", "bundle.json"):
         assert storage.exists(storage.join(run, "model", name)), name
-    assert json.loads(storage.read_text(storage.join(run, "model", "bundle.json")))["step"] == epochs * STEPS
+    info = json.loads(storage.read_text(storage.join(run, "model", "bundle.json")))
+    assert info["step"] == epochs * STEPS and info["domain"]["faces"] > 0  # the domain check's statistics (pprl.domain)
     assert storage.exists(storage.join(run, "samples", f"epoch_{epochs:04d}.png"))
     assert storage.list_files(storage.join(run, "tensorboard"))
 

@@ -252,8 +252,11 @@ def test_train_local_cli_writes_bundle_and_samples_and_resumes(small_data, tmp_p
     assert [int(r["epoch"]) for r in rows] == [1, 2] and int(rows[-1]["step"]) == 4
     assert (out / "samples" / "epoch_0002.png").exists()
     from pprl.anonymizer import Anonymizer
+    from pprl.data.dataset import load_dataset
 
-    assert Anonymizer.load(str(out / "model")).version.startswith("cpu-quick-s4-")
+    model = Anonymizer.load(str(out / "model"))
+    assert model.version.startswith("cpu-quick-s4-")
+    assert model.domain is not None and model.info["domain"]["faces"] == len(load_dataset(small_data).split("train"))
 
 
 def test_train_local_refuses_a_dataset_with_other_identities(small_data, tmp_path):

@@ -3,6 +3,7 @@
     anon = Anonymizer.load("s3://models/ferg/model")
     out = anon.anonymize(faces, target_identities=3)        # uint8 (N, S, S, 3)
     res = anon.run(faces, [0, 4, 2])                         # images + latents + expression probabilities
+    res.domain.percentile                                    # how unlike the training faces each face is (pprl.domain)
 
 Images are accepted as one uint8 HWC array, a uint8 NHWC array, a list of HWC arrays of any sizes, or a float
 tensor NCHW in [-1, 1]; they are resized to the model's size here. By default the latent MEAN is decoded, so the same
@@ -12,7 +13,7 @@ input and target give the same output; ``sample=True`` draws from the posterior 
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,7 @@ import yaml
 
 from pprl import storage
 from pprl.config import Config
+from pprl.domain import DomainScores, DomainStats, read_domain
 from pprl.models.networks import build_networks, reparameterize
 from pprl.train.export import CONFIG, WEIGHTS, bundle_info
 
@@ -34,12 +36,15 @@ class AnonymizeResult:
     latents: np.ndarray  # float32 (N, latent_dim): the identity-free representation (posterior mean)
     expression_probs: np.ndarray  # float32 (N, N_exp): D's expression head on the INPUT face
     targets: np.ndarray  # int64 (N,): the identity each face was rendered with
+    domain: DomainScores | None = None  # how unlike the training faces each input is; None without domain statistics
 
 
 class Anonymizer:
-    def __init__(self, config: Config, state: dict[str, dict], info: dict, device: str | torch.device | None = None) -> None:
+    def __init__(self, config: Config, state: dict[str, dict], info: dict, device: str | torch.device | None = None,
+                 domain: DomainStats | None = None) -> None:  # fmt: skip
         self.config = config
         self.info = info
+        self.domain = domain  # statistics of the training faces in latent space (pprl.domain); None: no scores
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.encoder, self.decoder, self.discriminator = (m.to(self.device).eval() for m in build_networks(config.model))
         self.encoder.load_state_dict(state["encoder"])
@@ -56,7 +61,7 @@ class Anonymizer:
         info = bundle_info(uri)
         config = Config.from_dict(yaml.safe_load(storage.read_text(storage.join(uri, CONFIG))))
         state = torch.load(io.BytesIO(storage.read_bytes(storage.join(uri, WEIGHTS))), map_location="cpu", weights_only=True)
-        return cls(config, state, info, device)
+        return cls(config, state, info, device, read_domain(uri, info))
 
     # ------------------------------------------------------------------------------------------ inputs
     def to_tensor(self, images: ImageInput) -> torch.Tensor:
@@ -106,19 +111,33 @@ class Anonymizer:
         return reparameterize(mean, logvar) if sample else mean
 
     @torch.no_grad()
-    def run(self, images: ImageInput, target_identities: int | Sequence[int] | np.ndarray, sample: bool = False) -> AnonymizeResult:
-        """One batched pass: anonymised faces, latent means, expression probabilities of the inputs."""
+    def run(
+        self,
+        images: ImageInput,
+        target_identities: int | Sequence[int] | np.ndarray,
+        sample: bool = False,
+        latent_filter: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> AnonymizeResult:
+        """One batched pass: anonymised faces, latent means, expression probabilities and domain scores of the inputs.
+
+        ``latent_filter`` maps the (N, latent_dim) latents about to be decoded to the ones to decode instead (footage's
+        per-track smoothing); the returned ``latents`` and domain scores stay those of each face itself."""
         x = self.to_tensor(images)
         targets = self.targets_for(len(x), target_identities)
-        outs, latents, probs = [], [], []
+        codes, latents, probs = [], [], []
         for i in range(0, len(x), self.batch_size):
             chunk = x[i : i + self.batch_size]
             mean, logvar = self.encoder(chunk)
-            z = reparameterize(mean, logvar) if sample else mean
-            outs.append(self.to_uint8(self.decoder(z, targets[i : i + self.batch_size])))
+            codes.append(reparameterize(mean, logvar) if sample else mean)
             latents.append(mean.float().cpu().numpy())
             probs.append(torch.softmax(self.discriminator(chunk)[2].float(), 1).cpu().numpy())
-        return AnonymizeResult(np.concatenate(outs), np.concatenate(latents), np.concatenate(probs), targets.cpu().numpy())
+        z = torch.cat(codes)
+        if latent_filter is not None:
+            z = torch.as_tensor(np.asarray(latent_filter(z.float().cpu().numpy()), np.float32), device=self.device).to(z.dtype)
+        outs = [self.to_uint8(self.decoder(z[i : i + self.batch_size], targets[i : i + self.batch_size])) for i in range(0, len(x), self.batch_size)]
+        means = np.concatenate(latents)
+        domain = self.domain.score(means) if self.domain is not None else None
+        return AnonymizeResult(np.concatenate(outs), means, np.concatenate(probs), targets.cpu().numpy(), domain)
 
     def anonymize(self, images: ImageInput, target_identities: int | Sequence[int] | np.ndarray, sample: bool = False) -> np.ndarray:
         return self.run(images, target_identities, sample).images
@@ -130,8 +149,17 @@ class Anonymizer:
 
     @torch.no_grad()
     def predict_expression(self, images: ImageInput) -> np.ndarray:
+        return self._head_probs(images, 2)
+
+    @torch.no_grad()
+    def predict_identity(self, images: ImageInput) -> np.ndarray:
+        """D's identity head: (N, num_identities) probabilities of which training identity each face shows."""
+        return self._head_probs(images, 1)
+
+    @torch.no_grad()
+    def _head_probs(self, images: ImageInput, head: int) -> np.ndarray:
         x = self.to_tensor(images)
-        chunks = [torch.softmax(self.discriminator(x[i : i + self.batch_size])[2].float(), 1) for i in range(0, len(x), self.batch_size)]
+        chunks = [torch.softmax(self.discriminator(x[i : i + self.batch_size])[head].float(), 1) for i in range(0, len(x), self.batch_size)]
         return torch.cat(chunks).cpu().numpy()
 
     @torch.no_grad()

@@ -48,6 +48,10 @@ def anonymize_footage_command(
     audit_min_face: int = typer.Option(40, "--audit-min-face", help="Smallest face side (px, full resolution) the audit looks for."),
     audit_budget: float = typer.Option(0.25, "--audit-budget", help="--audit sample: the audit's time as a fraction of the video's own."),
     fail_on_suspect: bool = typer.Option(False, "--fail-on-suspect", help="Exit 1 when any video in --output has a leak-audit suspect."),
+    smooth_frames: int = typer.Option(
+        FootageOptions.smooth_frames, "--smooth-frames",
+        help="Render each track from a moving average of its latent over about N frames (less flicker; expression lags (N-1)/2 frames); 0: off.",
+    ),  # fmt: skip
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Anonymise archived footage: detect, track and replace every face, keep the audio, write per-face Parquet,
@@ -65,6 +69,7 @@ def anonymize_footage_command(
             encode=EncodeOptions(codec=codec, crf=crf),
             export_unaudited_latent=export_unaudited_latent,
             audit=AuditOptions(mode="off" if no_audit else audit, detector=audit_detector, min_face=audit_min_face, budget=audit_budget),
+            smooth_frames=smooth_frames,
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
@@ -83,6 +88,8 @@ def anonymize_footage_command(
             typer.echo(f"  {row.suspect_frames} frames: {row.suspects_uri}")
     elif summary.processed and not no_audit:
         typer.echo(f"leak audit: no suspects in the {summary.processed - summary.errors} videos processed")
+    if summary.domain_warning:
+        typer.echo(f"WARNING: {summary.domain_warning}")
     if fail_on_suspect and len(suspects):
         raise typer.Exit(code=1)
 

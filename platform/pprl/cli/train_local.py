@@ -1,4 +1,5 @@
-"""``pprl train-local``: train PPRL-VGAN in this process (CPU or one GPU, no Ray), for debugging and small runs."""
+"""``pprl train-local``: train PPRL-VGAN in this process (CPU or one GPU, no Ray), for debugging and small runs;
+``pprl domain-stats``: give a bundle exported before the domain check the statistics of its training faces."""
 
 from __future__ import annotations
 
@@ -33,5 +34,21 @@ def train_local_cmd(
     typer.echo(f"model bundle: {bundle}")
 
 
+def domain_stats_cmd(
+    model: str = typer.Option(..., "--model", help="Model bundle folder (local or s3://) to add domain.npz to."),
+    data: str = typer.Option(..., "--data", help="The dataset the bundle was trained on (its training split is sampled)."),
+) -> None:
+    """Write the statistics of the bundle's training faces in latent space (domain.npz), for the out-of-domain score."""
+    from pprl.domain import attach_domain
+
+    try:
+        entry = attach_domain(model, data)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    typer.echo(f"{model}: domain statistics of {entry['faces']} training faces (median distance {entry['distance_median']:.2f}, "
+               f"99th percentile {entry['distance_p99']:.2f})")
+
+
 def register(app: typer.Typer) -> None:
     app.command("train-local")(train_local_cmd)
+    app.command("domain-stats")(domain_stats_cmd)

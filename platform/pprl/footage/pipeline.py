@@ -3,7 +3,8 @@
 Per video (``process_video``)::
 
     decode (PyAV) -> detect faces (batch of frames) -> track (IoU, bridges 1-2 missed frames)
-      -> crop with margin -> Anonymizer.run on every face of a batch of frames at once -> feathered paste-back
+      -> crop with margin -> Anonymizer.run on every face of a batch of frames at once (the latent optionally
+      smoothed per track) -> feathered paste-back -> per face: domain score, frame-to-frame change, judged identity
       -> encode at the input's timestamps, audio packets remuxed unchanged -> faces.parquet rows (streamed)
       -> leak audit of the written video (``pprl.footage.audit``): suspects as faces.parquet rows and a contact sheet
 
@@ -40,9 +41,11 @@ import pyarrow.parquet as pq
 from pprl import cluster, storage
 from pprl.config import EXPRESSIONS
 from pprl.data.dataset import encode_png
+from pprl.domain import missing_note, mostly_out_of_domain
 from pprl.footage.audit import AuditOptions, AuditResult, AuditTrail, audit_video, contact_sheet, suspect_columns
 from pprl.footage.detect import DetectorSpec, make_detector
 from pprl.footage.paste import crop_region, extract, paste
+from pprl.footage.stability import TrackMemory, flicker
 from pprl.footage.track import Face, IoUTracker
 from pprl.footage.video import VIDEO_SUFFIXES, EncodeOptions, Frame, VideoReader, VideoWriter
 from pprl.serve import schema as face_schema
@@ -69,6 +72,14 @@ FACES_SCHEMA = pa.schema(
         pa.field("bridged", pa.bool_()),  # box interpolated by the tracker over a missed detection
         *(f for f in face_schema.FACE_FIELDS if f.name in _SHARED),  # same names and types as the batch jobs
         pa.field("kind", pa.string(), nullable=False),  # replaced | suspect (a face the leak audit found outside every replaced crop)
+        # the domain check (pprl.domain); null when the bundle has no domain statistics
+        pa.field("domain_distance", pa.float32()),  # Mahalanobis distance of the latent from the training faces'
+        pa.field("domain_percentile", pa.float32()),  # share (%) of the training faces that lie closer
+        pa.field("out_of_domain", pa.bool_()),  # domain_percentile > 99
+        # temporal stability (pprl.footage.stability); the changes are null on a track's first frame
+        pa.field("source_change", pa.float32()),  # mean |change| of the original face since the track's previous frame
+        pa.field("render_change", pa.float32()),  # the same for the replaced face, as pasted
+        pa.field("judged_identity", pa.int32()),  # identity the model's discriminator reads in the replaced face
     ],
     metadata={"pprl.schema": "footage-faces/v2"},
 )
@@ -88,6 +99,9 @@ INDEX_SCHEMA = pa.schema(
         pa.field("audited_frames", pa.int64()),  # frames the leak audit scanned; null when it did not run
         pa.field("suspect_frames", pa.int64()),  # frames with a face the audit found outside every replaced crop
         pa.field("suspects_uri", pa.string()),  # the contact sheet of the suspects (PNG); null when there are none
+        pa.field("out_of_domain_share", pa.float64()),  # share of the faces out of domain; null without domain statistics
+        pa.field("flicker", pa.float64()),  # sum(render_change) / sum(source_change) over the video's faces
+        pa.field("identity_consistency", pa.float64()),  # share of faces whose judged identity is their target
     ],
     metadata={"pprl.schema": "footage-index/v2"},
 )
@@ -161,10 +175,13 @@ class FootageOptions:
     export_unaudited_latent: bool = False  # the operator's override of the latent gate (pprl.train.export.latent_gate)
     latent: LatentGate | None = None  # the gate's decision, taken once per run by anonymize_footage
     audit: AuditOptions = field(default_factory=AuditOptions)  # the leak audit of every written video
+    smooth_frames: int = 2  # per-track moving average of the rendered latent over about this many frames; 0/1: off
 
     def __post_init__(self) -> None:
         if self.batch_frames < 1 or self.max_faces_per_batch < 1:
             raise ValueError(f"batch_frames ({self.batch_frames}) and max_faces_per_batch ({self.max_faces_per_batch}) must be >= 1")
+        if self.smooth_frames < 0:
+            raise ValueError(f"smooth_frames must be >= 0 (0 = off), got {self.smooth_frames}")
         if not 0 <= self.margin <= 2 or not 0 <= self.feather <= 0.5:
             raise ValueError(f"margin must be in [0, 2] (got {self.margin}) and feather in [0, 0.5] (got {self.feather})")
 
@@ -237,13 +254,44 @@ class _FaceRows:
         self.writer.close()
 
 
+@dataclass
+class _Figures:
+    """A video's domain and stability figures, summed over its faces as they are written (its index row's columns)."""
+
+    scored: int = 0  # faces with a domain score
+    out_of_domain: int = 0
+    render_change: float = 0.0
+    source_change: float = 0.0
+    judged: int = 0
+    consistent: int = 0
+
+    def add(self, columns: dict[str, list]) -> None:
+        ood = [v for v in columns["out_of_domain"] if v is not None]
+        self.scored += len(ood)
+        self.out_of_domain += sum(ood)
+        pairs = [(r, s) for r, s in zip(columns["render_change"], columns["source_change"], strict=True) if r is not None and s is not None]
+        self.render_change += sum(r for r, _ in pairs)
+        self.source_change += sum(s for _, s in pairs)
+        self.judged += len(columns["judged_identity"])
+        self.consistent += sum(j == t for j, t in zip(columns["judged_identity"], columns["target_identity"], strict=True))
+
+    def row(self) -> dict[str, float | None]:
+        return {
+            "out_of_domain_share": self.out_of_domain / self.scored if self.scored else None,
+            "flicker": flicker([self.render_change], [self.source_change]),
+            "identity_consistency": self.consistent / self.judged if self.judged else None,
+        }
+
+
 class _VideoRun:
-    """The frame loop of one video: detect -> track -> (once settled) anonymise -> paste -> encode."""
+    """The frame loop of one video: detect -> track -> (once settled) anonymise -> paste -> measure -> encode."""
 
     def __init__(self, task: VideoTask, options: FootageOptions, model, detector, writer: VideoWriter, rows: _FaceRows):
         self.task, self.options, self.model, self.detector = task, options, model, detector
         self.writer, self.rows = writer, rows
         self.tracker = IoUTracker(options.iou_threshold, options.max_gap)
+        self.memory = TrackMemory(model.image_size, options.feather, options.smooth_frames)
+        self.figures = _Figures()
         self.pending: deque[_Pending] = deque()
         self.by_index: dict[int, _Pending] = {}
         self.frames = 0
@@ -277,7 +325,8 @@ class _VideoRun:
             self.frames += len(ready)
 
     def _anonymise(self, ready: list[_Pending]) -> None:
-        """Every face of the ready frames in as few model calls as possible; crops are taken before any paste."""
+        """Every face of the ready frames in as few model calls as possible; crops are taken before any paste, the
+        stability figures after every paste (frames in order, so each track's faces come in frame order)."""
         items = [(item, face) for item in ready for face in item.faces]
         if not items:
             return
@@ -287,16 +336,36 @@ class _VideoRun:
             self.trail.add(face, region, self.options.audit.low_score)
         crops = [extract(item.frame.image, region) for (item, _), region in zip(items, regions, strict=True)]
         targets = [self.options.policy.target(self.task.rel, face.track_id, n) for _, face in items]
+        track_ids = [face.track_id for _, face in items]
         step = self.options.max_faces_per_batch
+        results = []
         for start in range(0, len(items), step):
-            result = self.model.run(crops[start : start + step], np.asarray(targets[start : start + step], np.int64))
+            ids = track_ids[start : start + step]
+            smooth = (lambda z, ids=ids: self.memory.smooth(ids, z)) if self.memory.smoothing else None
+            result = self.model.run(crops[start : start + step], np.asarray(targets[start : start + step], np.int64), latent_filter=smooth)
             for j, k in enumerate(range(start, min(start + step, len(items)))):
                 paste(items[k][0].frame.image, regions[k], np.asarray(result.images[j]), self.options.feather)
-            self.rows.add(self._columns(items[start : start + step], result))
-        self.tracks.update(face.track_id for _, face in items)
+            results.append((start, result))
+        measured = self._measure(items, regions, crops)
+        for start, result in results:
+            part = slice(start, start + len(result.images))
+            columns = self._columns(items[part], result, {name: values[part] for name, values in measured.items()})
+            self.figures.add(columns)
+            self.rows.add(columns)
+        self.tracks.update(track_ids)
+        self.memory.forget(t.id for t in self.tracker.tracks)
 
-    def _columns(self, items: list[tuple[_Pending, Face]], result) -> dict[str, list]:
+    def _measure(self, items: list[tuple[_Pending, Face]], regions: list, crops: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """Per face, once every face of these frames is pasted: the identity the model's discriminator reads in the
+        replaced face, and the frame-to-frame change of the original and of the replaced face along its track."""
+        pasted = [extract(item.frame.image, region) for (item, _), region in zip(items, regions, strict=True)]
+        source_change, render_change = self.memory.changes([face.track_id for _, face in items], crops, pasted)
+        judged = self.model.predict_identity(pasted).argmax(1)
+        return {"judged_identity": judged, "source_change": source_change, "render_change": render_change}
+
+    def _columns(self, items: list[tuple[_Pending, Face]], result, measured: dict[str, np.ndarray]) -> dict[str, list]:
         probs = np.asarray(result.expression_probs, np.float32)
+        domain = result.domain
         return {
             "video_uri": [self.task.input_uri] * len(items),
             "frame_index": [item.frame.index for item, _ in items],
@@ -312,11 +381,21 @@ class _VideoRun:
             "model_version": [self.model.version] * len(items),
             "error": [None] * len(items),
             "kind": ["replaced"] * len(items),
+            "domain_distance": domain.distance.tolist() if domain is not None else [None] * len(items),
+            "domain_percentile": domain.percentile.tolist() if domain is not None else [None] * len(items),
+            "out_of_domain": domain.out_of_domain.tolist() if domain is not None else [None] * len(items),
+            "source_change": _nullable(measured["source_change"]),
+            "render_change": _nullable(measured["render_change"]),
+            "judged_identity": [int(i) for i in measured["judged_identity"]],
         }
 
     def log_progress(self, started: float) -> None:
         rate = self.frames / max(time.time() - started, 1e-9)
         log.info("%s: %d frames, %d faces, %.1f frames/s", self.task.rel, self.frames, self.rows.count, rate)
+
+
+def _nullable(values: np.ndarray) -> list[float | None]:
+    return [None if np.isnan(v) else float(v) for v in values]
 
 
 def _staging(uri: str, tmp: str, name: str) -> str:
@@ -373,6 +452,7 @@ def process_video(task: VideoTask, options: FootageOptions) -> dict[str, Any]:
                 rows.close(None)
                 raise
             row = _row(task, "done", run.frames, rows.count, len(run.tracks), time.time() - started, None, model.version, audit)
+            row |= run.figures.row()
             rows.close(row, audit)
             _commit(video_tmp, task.output_uri)
             _write_sheet(task, audit)
@@ -513,6 +593,7 @@ class RunSummary:
     skipped: int  # finished (or failed, without retry_errors) in an earlier run
     errors: int  # error rows written by this call
     suspect_frames: int = 0  # frames with a leak-audit suspect, in the videos this call processed
+    domain_warning: str | None = None  # set when most faces of this call were out of the model's domain (logged once)
 
     @property
     def suspect_videos(self) -> pd.DataFrame:
@@ -560,12 +641,14 @@ def anonymize_footage(
     if options.audit.enabled:
         log.info("leak audit of every written video: %s", options.audit.describe())
     gate.log(f"footage {input_uri} -> {output_uri}")
+    if not info.get("domain"):
+        log.warning("%s", missing_note(options.model))
     if num_workers <= 0:
         results = _run_local(todo, options, cancelled)
     else:
         resources = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker if options.use_gpu else 0}
         results = _run_ray(todo, options, num_workers, resources, cancelled)
-    errors = suspects = 0
+    errors = suspects = scored = out_of_domain = 0
     with _progress_bar(len(todo), progress) as bar:
         frames, started = 0, time.time()
         for row in results:
@@ -574,6 +657,9 @@ def anonymize_footage(
             errors += row["status"] == "error"
             suspects += row.get("suspect_frames") or 0
             frames += row["frames"] or 0
+            if row.get("out_of_domain_share") is not None:
+                scored += row["faces"]
+                out_of_domain += round(row["out_of_domain_share"] * row["faces"])
             rate = frames / max(time.time() - started, 1e-9)
             bar.update(1)
             bar.set_postfix_str(f"{rate:.1f} frames/s, {errors} errors, {suspects} suspect frames")
@@ -581,7 +667,10 @@ def anonymize_footage(
             if on_row:
                 on_row(row)
     table = write_index(output_uri, rows)
-    return RunSummary(table.to_pandas(), len(todo), skipped, errors, suspects)
+    warning = mostly_out_of_domain(scored, out_of_domain)
+    if warning:
+        log.warning("%s", warning)
+    return RunSummary(table.to_pandas(), len(todo), skipped, errors, suspects, warning)
 
 
 def _log_row(row: dict[str, Any], done: int, total: int, rate: float) -> None:
@@ -644,7 +733,8 @@ def run_footage_job(request, progress):
     ``request.identity`` maps onto the target policy: ``random`` -> random-per-track, ``N`` -> fixed N,
     ``pseudonym:<key>`` -> pseudonym keyed by the server's secret and ``<key>``. ``request.options`` may set
     ``detector``, ``num_workers`` (default ``request.actors``), ``batch_frames``, ``margin``, ``feather``, ``crf``,
-    ``audit`` (``sample``, ``all``, ``off``), ``retry_errors``. ``request.num_gpus`` > 0 runs each video task on that GPU share.
+    ``audit`` (``sample``, ``all``, ``off``), ``smooth_frames``, ``retry_errors``. ``request.num_gpus`` > 0 runs each video
+    task on that GPU share.
     """
     opts = dict(request.options or {})
     identity = (request.identity or "random").strip()
@@ -665,6 +755,7 @@ def run_footage_job(request, progress):
         encode=EncodeOptions(crf=int(opts.pop("crf", 18))),
         export_unaudited_latent=request.export_unaudited_latent,
         audit=AuditOptions(mode=str(opts.pop("audit", "sample"))),
+        smooth_frames=int(opts.pop("smooth_frames", FootageOptions.smooth_frames)),
     )
     num_workers = int(opts.pop("num_workers", request.actors))
     retry_errors = bool(opts.pop("retry_errors", False))

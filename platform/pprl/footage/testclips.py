@@ -1,7 +1,7 @@
 """Test footage with known ground truth, since no real archive footage may ship with the project.
 
 - ``synthetic_clip``: 1-3 synthetic faces (``pprl.data.synth.draw_sequence_frame``, so identity and expression are
-  known) moving across a textured background, a sine tone as the audio track, and the true face boxes written as
+  known; ``switch_to`` changes a face's expression halfway through its track) moving across a textured background, a sine tone as the audio track, and the true face boxes written as
   a sidecar Parquet that the ``sidecar`` detector reads.
 - ``astronaut_clip``: scikit-image's public-domain ``astronaut()`` photo panned and zoomed into a short clip, with
   the true face box per frame, to check the default (CenterFace) detector on a real face.
@@ -47,13 +47,14 @@ class ClipSpec:
     num_identities: int = 6
     identities: tuple[int, ...] | None = None  # one per face; default: distinct, drawn from the seed
     expressions: tuple[int, ...] | None = None  # one per face (0-6, EXPRESSIONS order); default: drawn
+    switch_to: tuple[int, ...] | None = None  # one per face: the expression it changes to halfway through its track
     audio: str | None = "aac"  # "aac", "pcm_s16le" or None
     sample_rate: int = 22050
 
     def __post_init__(self) -> None:
         if not 1 <= self.faces <= 3:
             raise ValueError(f"ClipSpec.faces must be 1-3, got {self.faces}")
-        for name in ("identities", "expressions"):
+        for name in ("identities", "expressions", "switch_to"):
             if getattr(self, name) is not None and len(getattr(self, name)) != self.faces:
                 raise ValueError(f"ClipSpec.{name} needs one entry per face ({self.faces})")
         if self.height < self.faces * self.tile or self.width < 2 * self.tile:
@@ -90,6 +91,7 @@ def _tracks(spec: ClipSpec) -> list[dict]:
         tracks.append({
             "identity": int(identities[k]), "expression": int(expressions[k]), "sequence": int(rng.integers(0, 10**6)),
             "start": start, "end": end, "x": (float(x0), float(x1)), "y": (float(y0), float(y1)),
+            "switch_to": int(spec.switch_to[k]) if spec.switch_to else int(expressions[k]),
         })
     return tracks
 
@@ -110,14 +112,15 @@ def synthetic_frames(spec: ClipSpec):
             if not track["start"] <= f < track["end"]:
                 continue
             n = track["end"] - track["start"]
-            face, _ = draw_sequence_frame(track["identity"], track["expression"], spec.data_seed, track["sequence"],
+            expression = track["expression"] if f - track["start"] < n // 2 else track["switch_to"]
+            face, _ = draw_sequence_frame(track["identity"], expression, spec.data_seed, track["sequence"],
                                           n + f - track["start"], 3 * n, spec.tile)
             x, y = _tile_at(track, f)
             img[y : y + spec.tile, x : x + spec.tile] = face
             fx0, fy0, fx1, fy1 = FACE_IN_TILE
             box = [x + fx0 * spec.tile, y + fy0 * spec.tile, x + fx1 * spec.tile, y + fy1 * spec.tile]
             rows.append({"frame_index": f, "box": box, "score": 1.0, "true_track": t,
-                         "identity": track["identity"], "expression": track["expression"], "tile": [x, y, spec.tile]})
+                         "identity": track["identity"], "expression": expression, "tile": [x, y, spec.tile]})
         yield img, rows
 
 

@@ -20,7 +20,8 @@ cluster needs around it:
   rolls back to the state before the bad streak and continues with a new seed (recorded in the checkpoint's
   ``run_state.json``, with each rank's parameter digest after the rollback); the second time the run stops and the
   driver reports it as failed;
-* at the end rank 0 exports the model bundle that ``Anonymizer.load`` reads to ``{storage}/{name}/model/``.
+* at the end rank 0 exports the model bundle that ``Anonymizer.load`` reads to ``{storage}/{name}/model/``, with the
+  domain statistics of a sample of the whole training split (``pprl.domain``).
 
 ``PPRL_FAIL_AT_STEP=RANK:STEP`` makes that rank exit (as a crash would) once the trainer has done STEP steps; a
 marker in the run folder keeps the retry from failing again. ``PPRL_COLLAPSE_AT=RANK:EPOCH`` makes that rank flag a
@@ -179,7 +180,7 @@ class WorkerRun:
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
-        dataset = load_dataset(job.data)
+        self.dataset = dataset = load_dataset(job.data)
         tc = self.config.train
         self.source = make_batches(
             stage_split(dataset, "train"),
@@ -380,9 +381,11 @@ class WorkerRun:
         log.info("rank %d resumed at epoch %d, step %d", self.rank, self.trainer.epoch, self.trainer.step)
 
     def export(self) -> None:
+        from pprl.domain import training_faces
         from pprl.train.export import export_bundle
 
-        export_bundle(self.trainer, self.job.model_uri)
+        faces = training_faces(self.dataset, self.config.model.image_size)
+        export_bundle(self.trainer, self.job.model_uri, domain_faces=faces)
         log.info("model bundle written to %s", self.job.model_uri)
 
     # ------------------------------------------------------------------------------------------------- faults

@@ -1,11 +1,13 @@
 """Model bundles: the folder serving, evaluation and footage load with ``Anonymizer.load``.
 
 Layout (local or S3): ``model.pt`` (state dicts of the encoder, decoder and discriminator), ``config.yaml`` (the
-resolved run config) and ``bundle.json`` (version, sizes, step, last metrics). ``bundle.json`` is written last, so a
-folder that has one is complete. ``privacy_audit.json``, when present, is the attack suite's verdict on these weights
+resolved run config), ``domain.npz`` (statistics of the training faces in latent space, for the domain check of
+``pprl.domain``; bundles exported before it have none) and ``bundle.json`` (version, sizes, step, last metrics, the
+``domain`` entry naming ``domain.npz`` with its hash). ``bundle.json`` is written last, so a folder that has one is
+complete. ``privacy_audit.json``, when present, is the attack suite's verdict on these weights
 (written by ``pprl evaluate``); ``latent_gate`` reads it to decide whether outputs may carry the latent.
 
-    export_bundle(trainer, "s3://models/ferg/model")
+    export_bundle(trainer, "s3://models/ferg/model", domain_faces=training_images)
 
 torch is imported only to write weights, so the serving front end and batch drivers read bundles without it.
 """
@@ -19,6 +21,8 @@ import json
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from pprl import storage
 from pprl.config import EXPRESSIONS, Config
@@ -39,10 +43,14 @@ LATENT_KIND = "encoder_mean"  # what outputs carry as `latent`: the encoder's po
 AUDIT_FIELDS = ("format", "model_version", "latent_kind", "passed", "attacks", "created")
 
 
-def export_bundle(trainer: Any, out: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write the trainer's networks as a bundle at ``out``; ``extra`` is merged into ``bundle.json``. Returns its content."""
+def export_bundle(trainer: Any, out: str, extra: dict[str, Any] | None = None, domain_faces: np.ndarray | None = None) -> dict[str, Any]:
+    """Write the trainer's networks as a bundle at ``out``; ``extra`` is merged into ``bundle.json``. Returns its content.
+
+    ``domain_faces`` (uint8 NHWC at the model's size, e.g. ``pprl.domain.training_faces``): training faces whose latent
+    statistics the bundle carries for the domain check; without them the bundle has none."""
     last = trainer.history[-1] if trainer.history else None
-    return write_bundle(out, trainer.config, trainer.networks(), step=trainer.step, epoch=trainer.epoch, metrics=last, extra=extra)
+    return write_bundle(out, trainer.config, trainer.networks(), step=trainer.step, epoch=trainer.epoch, metrics=last, extra=extra,
+                        domain_faces=domain_faces)
 
 
 def write_bundle(
@@ -54,15 +62,17 @@ def write_bundle(
     epoch: int = 0,
     metrics: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    domain_faces: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Write a bundle from plain (unwrapped) networks."""
+    """Write a bundle from plain (unwrapped) networks (``domain_faces``: see ``export_bundle``)."""
     import torch
 
     missing = [n for n in NETWORKS if n not in networks]
     if missing:
         raise ValueError(f"a bundle needs the networks {', '.join(NETWORKS)}; missing {', '.join(missing)}")
+    state = {name: {k: v.detach().cpu() for k, v in networks[name].state_dict().items()} for name in NETWORKS}
     buf = io.BytesIO()
-    torch.save({name: {k: v.detach().cpu() for k, v in networks[name].state_dict().items()} for name in NETWORKS}, buf)
+    torch.save(state, buf)
     weights = buf.getvalue()
     m = config.model
     info = {
@@ -83,8 +93,21 @@ def write_bundle(
     }
     storage.write_bytes(storage.join(out, WEIGHTS), weights)
     storage.write_text(storage.join(out, CONFIG), config.to_yaml())
+    if domain_faces is not None:
+        info["domain"] = _write_domain(out, config, state, info, domain_faces)
     storage.write_text(storage.join(out, INFO), json.dumps(info, indent=2))
     return info
+
+
+def _write_domain(out: str, config: Config, state: dict[str, dict], info: dict[str, Any], faces: np.ndarray) -> dict[str, Any]:
+    """Encode ``faces`` as inference will (``Anonymizer.encode``, on CPU) and write their statistics to the bundle."""
+    from pprl.anonymizer import Anonymizer
+    from pprl.domain import DomainStats, write_domain
+
+    latents = Anonymizer(config, state, info, device="cpu").encode(np.asarray(faces))
+    entry = write_domain(out, DomainStats.fit(latents))
+    log.info("%s: domain statistics of %d training faces (median distance %.2f)", out, len(faces), entry["distance_median"])
+    return entry
 
 
 def bundle_info(uri: str) -> dict[str, Any]:
@@ -178,8 +201,11 @@ def _audit_status(uri: str, info: dict[str, Any]) -> tuple[str, str, str | None]
     return "passed", "", audited
 
 
-def export_checkpoint(checkpoint_uri: str, out: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Turn a trainer checkpoint into a bundle without building a trainer (e.g. after a Ray Train run)."""
+def export_checkpoint(checkpoint_uri: str, out: str, extra: dict[str, Any] | None = None, data: str | None = None) -> dict[str, Any]:
+    """Turn a trainer checkpoint (a Ray Train run's, a Tune trial's) into a bundle without building a trainer;
+    ``data``: the training dataset, whose faces give the bundle its domain statistics (none without it)."""
+    from pprl.data.dataset import load_dataset
+    from pprl.domain import training_faces
     from pprl.models.networks import build_networks
     from pprl.train.checkpoint import load_checkpoint
 
@@ -189,4 +215,6 @@ def export_checkpoint(checkpoint_uri: str, out: str, extra: dict[str, Any] | Non
     for name, net in nets.items():
         net.load_state_dict(state[name])
     last = state["history"][-1] if state.get("history") else None
-    return write_bundle(out, config, nets, step=int(state["step"]), epoch=int(state["epoch"]), metrics=last, extra=extra)
+    faces = training_faces(load_dataset(data), config.model.image_size) if data else None
+    return write_bundle(out, config, nets, step=int(state["step"]), epoch=int(state["epoch"]), metrics=last, extra=extra,
+                        domain_faces=faces)

@@ -5,7 +5,8 @@ Run folder layout (local or S3):
     OUT/config.yaml       the resolved configuration
     OUT/metrics.csv       one row per epoch; OUT/tensorboard/ holds the same as TensorBoard events (local OUT only)
     OUT/samples/          epoch_NNNN.png grids: rows are test faces, columns the input then every target identity
-    OUT/model/            the exported bundle (``Anonymizer.load(OUT/model)``)
+    OUT/model/            the exported bundle (``Anonymizer.load(OUT/model)``), with the domain statistics of its
+                          training faces (``pprl.domain``)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from pprl import storage
 from pprl.config import Config
 from pprl.data.dataset import Dataset, load_dataset
+from pprl.domain import sample_indices
 from pprl.train.batches import InMemoryBatches, to_model_range
 from pprl.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from pprl.train.export import export_bundle
@@ -71,7 +73,7 @@ def train_local(config: Config, data: str, out: str, device: str | None = None, 
     finally:
         trainer.close()
     bundle = bundle or storage.join(out, "model")
-    info = export_bundle(trainer, bundle)
+    info = export_bundle(trainer, bundle, domain_faces=images[sample_indices(len(images))])
     log.info("bundle %s written to %s", info["version"], bundle)
     return bundle
 
