@@ -54,7 +54,7 @@ def test_an_exported_bundle_carries_domain_statistics_and_one_without_them_still
     assert model.version == plain.version  # the statistics are not part of the weights' version
     result = model.run(faces(5, seed=2), 1)
     assert result.domain.distance.shape == result.domain.percentile.shape == result.domain.out_of_domain.shape == (5,)
-    np.testing.assert_allclose(result.domain.distance, model.domain.distance(model.encode(faces(5, seed=2))), rtol=1e-5)
+    np.testing.assert_allclose(result.domain.distance, model.domain.distance(model.input_latents(faces(5, seed=2))), rtol=1e-5)
     assert plain.domain is None and plain.run(faces(5, seed=2), 1).domain is None
     np.testing.assert_array_equal(result.images, plain.run(faces(5, seed=2), 1).images)
     assert "no statistics of its training faces" in missing_note(without) and "pprl domain-stats" in missing_note(without)

@@ -22,7 +22,7 @@ from pprl.footage import testclips
 from pprl.footage.detect import DetectorSpec
 from pprl.footage.pipeline import FootageOptions, anonymize_footage
 from pprl.serve import schema
-from pprl.train.export import AUDIT, AUDIT_FORMAT, LATENT_KIND, bundle_info, latent_gate, write_audit
+from pprl.train.export import AUDIT, AUDIT_FORMAT, ENCODER_MEAN, bundle_info, latent_gate, write_audit
 
 CASES = {  # case: (audit written, override) -> (latent exported, audit status, override recorded)
     "no audit": ((None, False), (False, "missing", False)),
@@ -42,7 +42,7 @@ def audited_copy(bundle: str, dest, passed: bool | None, version: str | None = N
             {
                 "format": AUDIT_FORMAT,
                 "model_version": version or bundle_info(out)["version"],
-                "latent_kind": LATENT_KIND,
+                "latent_kind": ENCODER_MEAN,
                 "passed": passed,
                 "attacks": [{"name": "latent-mlp", "figure": 0.91, "bar": 0.217, "op": "<=", "pass": passed}],
                 "created": "2026-12-01T00:00:00+00:00",
@@ -76,7 +76,7 @@ def test_gate_reads_the_audit_of_these_weights_only(tiny_bundle, tmp_path):
     assert latent_gate(bad).audit == "invalid" and not latent_gate(bad).exported
     with pytest.raises(ValueError, match="missing model_version"):
         write_audit(
-            bad, {"format": AUDIT_FORMAT, "latent_kind": LATENT_KIND, "passed": True, "attacks": [], "created": "x"}
+            bad, {"format": AUDIT_FORMAT, "latent_kind": ENCODER_MEAN, "passed": True, "attacks": [], "created": "x"}
         )
 
 

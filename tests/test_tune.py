@@ -177,6 +177,7 @@ class StubJudges:
 
 
 def test_evaluate_reports_each_attack_against_its_bar_and_the_worst_leak():
+    from pprl.config import ModelConfig
     from pprl.tune.objective import ValidationSet, evaluate
 
     rng = np.random.default_rng(0)
@@ -184,7 +185,7 @@ def test_evaluate_reports_each_attack_against_its_bar_and_the_worst_leak():
     images = rng.integers(0, 30, (240, 4, 4, 3)).astype(np.uint8)
     images.reshape(240, 16, 3)[np.arange(240), ids] = 220
     val = ValidationSet(images, ids, ids % 7, (ids + 1) % 6)
-    metrics = evaluate(LeakyEncoder(), GreyDecoder(4), StubJudges(), val, 6, privacy_weight=2.0)
+    metrics = evaluate(LeakyEncoder(), GreyDecoder(4), StubJudges(), val, ModelConfig(num_identities=6), privacy_weight=2.0)
     assert metrics["latent_knn_acc"] >= 0.95 and metrics["latent_linear_acc"] >= 0.8
     assert not metrics["latent_knn_pass"] and not metrics["latent_linear_pass"]
     assert metrics["output_knn_acc"] <= 1 / 6 + 0.1 and metrics["output_knn_pass"] and metrics["output_linear_pass"]

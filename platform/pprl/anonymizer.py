@@ -19,13 +19,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
 from pprl import storage
 from pprl.config import Config
 from pprl.domain import DomainScores, DomainStats, read_domain
-from pprl.models.networks import build_networks, reparameterize
-from pprl.train.export import CONFIG, WEIGHTS, bundle_info
+from pprl.models.networks import build_networks, canonical_reencodings, reparameterize
+from pprl.train.export import WEIGHTS, bundle_info, latent_kind, read_config
 
 ImageInput = np.ndarray | torch.Tensor | Sequence[np.ndarray]
 
@@ -33,7 +32,7 @@ ImageInput = np.ndarray | torch.Tensor | Sequence[np.ndarray]
 @dataclass
 class AnonymizeResult:
     images: np.ndarray  # uint8 (N, S, S, 3)
-    latents: np.ndarray  # float32 (N, latent_dim): the identity-free representation (posterior mean)
+    latents: np.ndarray  # float32 (N, latent_dim): the exported latent's posterior mean (canonical_reencodings)
     expression_probs: np.ndarray  # float32 (N, N_exp): D's expression head on the INPUT face
     targets: np.ndarray  # int64 (N,): the identity each face was rendered with
     domain: DomainScores | None = None  # how unlike the training faces each input is; None without domain statistics
@@ -54,12 +53,13 @@ class Anonymizer:
         self.image_size, self.num_identities = model.image_size, model.num_identities
         self.num_expressions, self.latent_dim = model.num_expressions, model.latent_dim
         self.version = str(info.get("version", "unversioned"))
+        self.latent_kind = latent_kind(model)  # what ``run(...).latents`` holds
         self.batch_size = 256
 
     @classmethod
     def load(cls, uri: str, device: str | None = None) -> Anonymizer:
         info = bundle_info(uri)
-        config = Config.from_dict(yaml.safe_load(storage.read_text(storage.join(uri, CONFIG))))
+        config = read_config(uri)
         state = torch.load(io.BytesIO(storage.read_bytes(storage.join(uri, WEIGHTS))), map_location="cpu", weights_only=True)
         return cls(config, state, info, device, read_domain(uri, info))
 
@@ -105,10 +105,9 @@ class Anonymizer:
         return x.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
     # ------------------------------------------------------------------------------------------ inference
-    @torch.no_grad()
-    def _latent(self, x: torch.Tensor, sample: bool) -> torch.Tensor:
-        mean, logvar = self.encoder(x)
-        return reparameterize(mean, logvar) if sample else mean
+    def _posteriors(self, x: torch.Tensor):
+        """(posterior rendered from, posterior exported): ``canonical_reencodings`` with this bundle's config."""
+        return canonical_reencodings(self.encoder, self.decoder, x, self.config.model)
 
     @torch.no_grad()
     def run(
@@ -118,32 +117,40 @@ class Anonymizer:
         sample: bool = False,
         latent_filter: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> AnonymizeResult:
-        """One batched pass: anonymised faces, latent means, expression probabilities and domain scores of the inputs.
+        """One batched pass: anonymised faces, their exported latents, expression probabilities and domain scores of
+        the inputs.
 
         ``latent_filter`` maps the (N, latent_dim) latents about to be decoded to the ones to decode instead (footage's
         per-track smoothing); the returned ``latents`` and domain scores stay those of each face itself."""
         x = self.to_tensor(images)
         targets = self.targets_for(len(x), target_identities)
-        codes, latents, probs = [], [], []
+        codes, latents, probs = [], [], []  # rendered from, exported, expression
         for i in range(0, len(x), self.batch_size):
             chunk = x[i : i + self.batch_size]
-            mean, logvar = self.encoder(chunk)
+            (mean, logvar), (latent, _) = self._posteriors(chunk)
             codes.append(reparameterize(mean, logvar) if sample else mean)
-            latents.append(mean.float().cpu().numpy())
+            latents.append(latent.float().cpu().numpy())
             probs.append(torch.softmax(self.discriminator(chunk)[2].float(), 1).cpu().numpy())
         z = torch.cat(codes)
         if latent_filter is not None:
             z = torch.as_tensor(np.asarray(latent_filter(z.float().cpu().numpy()), np.float32), device=self.device).to(z.dtype)
         outs = [self.to_uint8(self.decoder(z[i : i + self.batch_size], targets[i : i + self.batch_size])) for i in range(0, len(x), self.batch_size)]
-        means = np.concatenate(latents)
-        domain = self.domain.score(means) if self.domain is not None else None
-        return AnonymizeResult(np.concatenate(outs), means, np.concatenate(probs), targets.cpu().numpy(), domain)
+        domain = self.domain.score(self.input_latents(x)) if self.domain is not None else None
+        return AnonymizeResult(np.concatenate(outs), np.concatenate(latents), np.concatenate(probs), targets.cpu().numpy(), domain)
 
     def anonymize(self, images: ImageInput, target_identities: int | Sequence[int] | np.ndarray, sample: bool = False) -> np.ndarray:
         return self.run(images, target_identities, sample).images
 
     @torch.no_grad()
     def encode(self, images: ImageInput) -> np.ndarray:
+        """The latent means these images' outputs would carry (``run(...).latents``)."""
+        x = self.to_tensor(images)
+        return np.concatenate([self._posteriors(x[i : i + self.batch_size])[1][0].float().cpu().numpy() for i in range(0, len(x), self.batch_size)])
+
+    @torch.no_grad()
+    def input_latents(self, images: ImageInput) -> np.ndarray:
+        """The encoder's own latent means of the input faces, before any canonical re-encoding: the space where the
+        domain check compares faces with the training faces (a re-encoding shows a face the model rendered)."""
         x = self.to_tensor(images)
         return np.concatenate([self.encoder(x[i : i + self.batch_size])[0].float().cpu().numpy() for i in range(0, len(x), self.batch_size)])
 
@@ -167,7 +174,7 @@ class Anonymizer:
         """Decode latent means interpolated from ``a`` to ``b`` with one fixed identity: (steps, S, S, 3)."""
         if steps < 2:
             raise ValueError(f"steps must be >= 2, got {steps}")
-        za, zb = (self.encoder(self.to_tensor(im)[:1])[0] for im in (a, b))
+        za, zb = (self._posteriors(self.to_tensor(im)[:1])[0][0] for im in (a, b))
         alphas = torch.linspace(0, 1, steps, device=self.device)[:, None]
         z = (1 - alphas) * za + alphas * zb
         return self.to_uint8(self.decoder(z, self.targets_for(steps, identity)))

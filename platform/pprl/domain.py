@@ -179,7 +179,7 @@ def attach_domain(bundle_uri: str, data_uri: str, limit: int = DOMAIN_FACES) -> 
 
     model = Anonymizer.load(bundle_uri)
     faces = training_faces(load_dataset(data_uri), model.image_size, limit)
-    entry = write_domain(bundle_uri, DomainStats.fit(model.encode(faces)))
+    entry = write_domain(bundle_uri, DomainStats.fit(model.input_latents(faces)))
     info = {**bundle_info(bundle_uri), "domain": entry}
     storage.write_text(storage.join(bundle_uri, INFO), json.dumps(info, indent=2))
     log.info("%s: domain statistics of %d training faces from %s written", bundle_uri, len(faces), data_uri)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pprl.evaluate.classifiers import accuracy
-from pprl.train.export import AUDIT_FORMAT, LATENT_KIND
+from pprl.train.export import AUDIT_FORMAT
 
 if TYPE_CHECKING:
     from pprl.evaluate.scenarios import EvalData
@@ -172,9 +172,10 @@ def target_only_rate(ids: np.ndarray, targets: np.ndarray) -> float:
     return float((same_pair / np.maximum(same_target, 1)).mean())
 
 
-def audit_summary(attacks: list[dict[str, Any]]) -> dict[str, Any]:
+def audit_summary(attacks: list[dict[str, Any]], latent_kind: str) -> dict[str, Any]:
+    """``latent_kind``: what the latent probes read (the evaluated model's ``latent_kind``)."""
     failed = [a["name"] for a in attacks if not a["pass"]]
-    return {"passed": not failed and len(attacks) == len(TITLES), "failed": failed, "latent_kind": LATENT_KIND}
+    return {"passed": not failed and len(attacks) == len(TITLES), "failed": failed, "latent_kind": latent_kind}
 
 
 def audit_record(report: dict[str, Any], report_uri: str) -> dict[str, Any]:
@@ -183,7 +184,7 @@ def audit_record(report: dict[str, Any], report_uri: str) -> dict[str, Any]:
     return {
         "format": AUDIT_FORMAT,
         "model_version": report["model"]["version"],
-        "latent_kind": LATENT_KIND,
+        "latent_kind": report["audit"]["latent_kind"],
         "passed": report["audit"]["passed"],
         "attacks": [{k: a[k] for k in keep} for a in report["attacks"]],
         "data": {k: report["data"].get(k) for k in ("uri", "manifest_sha256", "n_train_used", "n_test")},

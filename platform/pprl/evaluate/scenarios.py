@@ -37,6 +37,7 @@ from pprl.evaluate.classifiers import (
     torch_threads,
     with_code_channel,
 )
+from pprl.train.export import ENCODER_MEAN
 
 log = logging.getLogger(__name__)
 
@@ -434,6 +435,7 @@ class Evaluation:
     seconds: dict[str, float]
     num_identities: int
     num_expressions: int
+    latent_kind: str  # what the latent probes read: the model's latent_kind (pprl.train.export.latent_kind)
 
     def row(self, scenario: str, attacker: str) -> dict[str, Any]:
         for row in self.rows:
@@ -445,7 +447,7 @@ class Evaluation:
         return {
             "rows": self.rows, "privacy_flags": privacy_flags(self.rows), "linkage": self.linkage, "target_success": self.target_success,
             "d_expression_accuracy": self.d_expression_accuracy, "classifiers": self.classifiers,
-            "attacks": self.attacks, "audit": attacks.audit_summary(self.attacks) if self.attacks else None,
+            "attacks": self.attacks, "audit": attacks.audit_summary(self.attacks, self.latent_kind) if self.attacks else None,
             "options": asdict(self.options), "seconds": {k: round(v, 1) for k, v in self.seconds.items()},
             "chance": {"identity": 1 / self.num_identities, "expression": 1 / self.num_expressions},
         }  # fmt: skip
@@ -476,4 +478,5 @@ def evaluate(model, dataset: Dataset, options: EvalOptions | None = None, use_ra
         seconds=data.seconds,
         num_identities=data.num_identities,
         num_expressions=data.num_expressions,
+        latent_kind=getattr(model, "latent_kind", ENCODER_MEAN),  # a stand-in without one exports an encoder's mean
     )

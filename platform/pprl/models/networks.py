@@ -112,6 +112,24 @@ def reparameterize(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
 
 
+Posterior = tuple[torch.Tensor, torch.Tensor]  # (mean, log-variance)
+
+
+def canonical_reencodings(encoder: nn.Module, decoder: nn.Module, x: torch.Tensor, cfg: ModelConfig) -> tuple[Posterior, Posterior]:
+    """(posterior to render from, posterior to export as ``latent``): the encoder's posterior of ``x``, then
+    ``cfg.render_cycles`` / ``cfg.latent_cycles`` times over the posterior of the face rendered as identity
+    ``cfg.canonical_identity`` (the ``model.*_cycles`` deviations; 0 = the paper's encoder posterior).
+
+    Each cycle encodes a face that shows the canonical person with the source's expression and pose: whatever the
+    first encoding kept of the source's identity must survive a rendering as someone else to be read again. Each
+    cycle costs one decoder and one encoder pass (docs/model.md, "Canonical re-encoding")."""
+    chain = [encoder(x)]
+    codes = torch.full((len(x),), cfg.canonical_identity, dtype=torch.long, device=x.device)
+    for _ in range(max(cfg.render_cycles, cfg.latent_cycles)):
+        chain.append(encoder(decoder(chain[-1][0], codes)))
+    return chain[cfg.render_cycles], chain[cfg.latent_cycles]
+
+
 class Decoder(nn.Module):
     """(z, target identity) -> image (N, 3, S, S) in [-1, 1]. The identity is an int tensor or a one-hot/soft code."""
 

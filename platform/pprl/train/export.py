@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pprl import storage
-from pprl.config import EXPRESSIONS, Config
+from pprl.config import EXPRESSIONS, Config, ModelConfig
 
 if TYPE_CHECKING:
     from torch import nn
@@ -39,7 +39,7 @@ INFO = "bundle.json"
 NETWORKS = ("encoder", "decoder", "discriminator")
 AUDIT = "privacy_audit.json"
 AUDIT_FORMAT = "pprl-privacy-audit/1"
-LATENT_KIND = "encoder_mean"  # what outputs carry as `latent`: the encoder's posterior mean of the input face
+ENCODER_MEAN = "encoder_mean"  # the paper's latent: the encoder's posterior mean of the input face
 AUDIT_FIELDS = ("format", "model_version", "latent_kind", "passed", "attacks", "created")
 
 
@@ -100,14 +100,29 @@ def write_bundle(
 
 
 def _write_domain(out: str, config: Config, state: dict[str, dict], info: dict[str, Any], faces: np.ndarray) -> dict[str, Any]:
-    """Encode ``faces`` as inference will (``Anonymizer.encode``, on CPU) and write their statistics to the bundle."""
+    """Encode ``faces`` as inference will (``Anonymizer.input_latents``, on CPU) and write their statistics to the bundle."""
     from pprl.anonymizer import Anonymizer
     from pprl.domain import DomainStats, write_domain
 
-    latents = Anonymizer(config, state, info, device="cpu").encode(np.asarray(faces))
+    latents = Anonymizer(config, state, info, device="cpu").input_latents(np.asarray(faces))
     entry = write_domain(out, DomainStats.fit(latents))
     log.info("%s: domain statistics of %d training faces (median distance %.2f)", out, len(faces), entry["distance_median"])
     return entry
+
+
+def latent_kind(model: ModelConfig) -> str:
+    """What outputs carry as ``latent`` (``pprl.models.networks.canonical_reencodings``): the encoder's mean of the
+    input face, or of its ``model.latent_cycles``-th re-encoding as the canonical identity."""
+    if not model.latent_cycles:
+        return ENCODER_MEAN
+    return f"canonical_reencoding:{model.latent_cycles}x:identity_{model.canonical_identity}"
+
+
+def read_config(uri: str) -> Config:
+    """The resolved run config in the bundle at ``uri``."""
+    import yaml
+
+    return Config.from_dict(yaml.safe_load(storage.read_text(storage.join(uri, CONFIG))))
 
 
 def bundle_info(uri: str) -> dict[str, Any]:
@@ -153,13 +168,14 @@ class LatentGate:
     ``record()`` goes into every output, so each names the latent it carries (or withholds) and why."""
 
     exported: bool
+    kind: str  # latent_kind() of the bundle
     audit: str  # passed | failed | missing | stale | invalid
     override: bool
     note: str
     audited: str | None = None  # when the audit was made
 
     def record(self) -> dict[str, Any]:
-        return {"latent_kind": LATENT_KIND, "latent_exported": self.exported, "audit": self.audit,
+        return {"latent_kind": self.kind, "latent_exported": self.exported, "audit": self.audit,
                 "override": self.override, "audited": self.audited, "note": self.note}  # fmt: skip
 
     def log(self, where: str) -> None:
@@ -170,18 +186,19 @@ class LatentGate:
 
 def latent_gate(uri: str, override: bool = False, info: dict[str, Any] | None = None) -> LatentGate:
     """Read the audit of the bundle at ``uri`` and decide; ``override`` is the operator's export_unaudited_latent."""
-    status, why, audited = _audit_status(uri, info or bundle_info(uri))
+    kind = latent_kind(read_config(uri).model)
+    status, why, audited = _audit_status(uri, info or bundle_info(uri), kind)
     if status == "passed":
-        return LatentGate(True, status, False, f"privacy audit of {audited} passed: latent exported", audited)
+        return LatentGate(True, kind, status, False, f"privacy audit of {audited} passed: latent exported", audited)
     if override:
         note = f"latent exported WITHOUT a passing privacy audit ({why}): the operator set export_unaudited_latent"
-        return LatentGate(True, status, True, note, audited)
+        return LatentGate(True, kind, status, True, note, audited)
     note = (f"latent withheld: {why}; audit the bundle with `pprl evaluate`, or export anyway with "
             "--export-unaudited-latent (settings: export_unaudited_latent)")  # fmt: skip
-    return LatentGate(False, status, False, note, audited)
+    return LatentGate(False, kind, status, False, note, audited)
 
 
-def _audit_status(uri: str, info: dict[str, Any]) -> tuple[str, str, str | None]:
+def _audit_status(uri: str, info: dict[str, Any], kind: str) -> tuple[str, str, str | None]:
     """(status, why, audit date) of the bundle's privacy audit."""
     try:
         audit = read_audit(uri)
@@ -192,7 +209,7 @@ def _audit_status(uri: str, info: dict[str, Any]) -> tuple[str, str, str | None]
     audited = audit.get("created")
     if audit.get("format") != AUDIT_FORMAT:
         return "invalid", f"its {AUDIT} is not a {AUDIT_FORMAT} record", audited
-    if audit.get("model_version") != info.get("version") or audit.get("latent_kind") != LATENT_KIND:
+    if audit.get("model_version") != info.get("version") or audit.get("latent_kind") != kind:
         of = f"{audit.get('model_version')!r} ({audit.get('latent_kind')})"
         return "stale", f"the privacy audit is of {of}, not of this bundle", audited
     if audit.get("passed") is not True:

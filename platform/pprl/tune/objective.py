@@ -30,8 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from pprl.config import ModelConfig
 from pprl.evaluate.attacks import EXPRESSION_BAR, IMAGE_MARGIN, LATENT_MARGIN, bar_op, meets
 from pprl.evaluate.classifiers import accuracy, fit, probe_spec, stratified_holdout, torch_threads
+from pprl.models.networks import canonical_reencodings
 from pprl.train.batches import to_model_range, to_uint8
 
 SCORE = "score"  # the metric ASHA and the best-trial choice use (mode: max)
@@ -86,9 +88,10 @@ class ValidationSet:
 
 
 @torch.no_grad()
-def anonymize(encoder: nn.Module, decoder: nn.Module, images: np.ndarray, targets: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def anonymize(encoder: nn.Module, decoder: nn.Module, images: np.ndarray, targets: np.ndarray, model: ModelConfig,
+              batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """uint8 NHWC -> (uint8 NHWC rendered as ``targets`` from the latent mean, that float32 mean): what
-    ``Anonymizer.run`` renders and what the bundle exports as ``latent``.
+    ``Anonymizer.run`` renders and what the bundle exports as ``latent`` (``canonical_reencodings``).
 
     Networks run in eval mode (BatchNorm running statistics, no dropout) and get their previous mode back.
     """
@@ -101,9 +104,9 @@ def anonymize(encoder: nn.Module, decoder: nn.Module, images: np.ndarray, target
         for start in range(0, len(images), batch_size):
             x = to_model_range(np.array(images[start : start + batch_size])).to(device)
             c = torch.as_tensor(targets[start : start + batch_size], dtype=torch.int64, device=device)
-            mean, _ = encoder(x)
+            (mean, _), (latent, _) = canonical_reencodings(encoder, decoder, x, model)
             fakes.append(to_uint8(decoder(mean, c)))
-            means.append(mean.float().cpu().numpy())
+            means.append(latent.float().cpu().numpy())
     finally:
         encoder.train(modes[0])
         decoder.train(modes[1])
@@ -119,9 +122,10 @@ def probe_accuracy(arch: str, features: np.ndarray, labels: np.ndarray, halves: 
     return accuracy(fitted.predict(features[test]), labels[test])
 
 
-def evaluate(encoder: nn.Module, decoder: nn.Module, judges, val: ValidationSet, num_identities: int, privacy_weight: float) -> dict[str, float | bool]:
+def evaluate(encoder: nn.Module, decoder: nn.Module, judges, val: ValidationSet, model: ModelConfig, privacy_weight: float) -> dict[str, float | bool]:
     """Every attack's figure, the pass of each bar, the leakage and the score for one model state."""
-    fakes, latents = anonymize(encoder, decoder, val.images, val.targets)
+    num_identities = model.num_identities
+    fakes, latents = anonymize(encoder, decoder, val.images, val.targets, model)
     spaces = {"latent": latents, "output": judges.identity_features(fakes)}
     halves = val.halves()
     figures = {f"{space}_{arch}": probe_accuracy(arch, x, val.identity, halves, num_identities)

@@ -65,7 +65,7 @@ def run_trial(params: dict[str, Any], inputs: TrialInputs) -> None:
     while trainer.epoch < config.train.epochs:
         train_metrics = trainer.train_epoch()
         start = time.perf_counter()
-        metrics = evaluate(*trainer.rendering_networks(), shared.judges, val, config.model.num_identities, inputs.privacy_weight)
+        metrics = evaluate(*trainer.rendering_networks(), shared.judges, val, config.model, inputs.privacy_weight)
         metrics["eval_seconds"] = time.perf_counter() - start  # anonymising, judging and attacking the validation set
         metrics |= {f"train_{k}": v for k, v in train_metrics.items() if isinstance(v, float)}
         metrics |= {"epoch": trainer.epoch, "step": trainer.step, "collapsed": bool(train_metrics["collapsed"]), "judges_token": shared.token}
