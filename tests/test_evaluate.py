@@ -178,7 +178,7 @@ def test_trained_model_hides_identity_keeps_expression(trained_model, synth_data
     with capsys.disabled():
         print()
         _print_rows(report)
-    assert "| Attack 3 (encoder's latent means, MLP) |" in printed
+    assert "| Attack 3 (the exported latent, MLP) |" in printed
     rows = _rows(report)
     unconstrained = rows[("privacy-unconstrained", "paper-cnn")]
     assert unconstrained["identity_accuracy"] >= 0.98 and unconstrained["expression_accuracy"] >= 0.95

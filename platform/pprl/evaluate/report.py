@@ -24,7 +24,7 @@ SCENARIO_TITLES = {
     "random-guess": "Random guess",
     "attack-1": "Attack 1 (train on originals, test on anonymised)",
     "attack-2": "Attack 2 (train and test on anonymised, true source labels)",
-    "attack-3": "Attack 3 (encoder's latent means, MLP)",
+    "attack-3": "Attack 3 (the exported latent, MLP)",
 }
 PAPER_ATTACKERS = ("paper-cnn", "paper-mlp")
 FILES = ("report.json", "report.md", "predictions.parquet", "privacy_utility.png")
