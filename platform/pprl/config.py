@@ -38,9 +38,8 @@ class ModelConfig:
     encoder_dropout: float = 0.3
     disc_dropout: float = 0.5
     faithful: bool = False  # authors' quirks: sigmoid log-variance, TF 'same' padding, Glorot init
-    # deviations (inference only; 0 = paper: the encoder's mean): bundles render from, and export as ``latent``, the
-    # face rendered as identity canonical_identity and encoded again, render_cycles / latent_cycles times over
-    render_cycles: int = 0
+    # deviation (inference only; 0 = paper: the encoder's mean): bundles export as ``latent`` the face rendered as
+    # identity canonical_identity and encoded again, latent_cycles times over (docs/model.md, "Canonical re-encoding")
     latent_cycles: int = 0
     canonical_identity: int = 0
 
@@ -56,10 +55,9 @@ class ModelConfig:
             )
         if len(self.decoder_widths) + 1 != downs:
             raise ValueError("model.decoder_widths needs one entry fewer than model.encoder_widths")
-        if min(self.render_cycles, self.latent_cycles) < 0 or not 0 <= self.canonical_identity < self.num_identities:
-            raise ValueError(f"model.render_cycles and model.latent_cycles must be >= 0 and model.canonical_identity in "
-                             f"0..{self.num_identities - 1}, got {self.render_cycles}, {self.latent_cycles} and "
-                             f"{self.canonical_identity}")
+        if self.latent_cycles < 0 or not 0 <= self.canonical_identity < self.num_identities:
+            raise ValueError(f"model.latent_cycles must be >= 0 and model.canonical_identity in 0..{self.num_identities - 1}, "
+                             f"got {self.latent_cycles} and {self.canonical_identity}")
         if self.num_identities < 2 or self.num_expressions < 2:
             raise ValueError("model.num_identities and model.num_expressions must be >= 2")
 

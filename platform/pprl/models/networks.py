@@ -116,18 +116,18 @@ Posterior = tuple[torch.Tensor, torch.Tensor]  # (mean, log-variance)
 
 
 def canonical_reencodings(encoder: nn.Module, decoder: nn.Module, x: torch.Tensor, cfg: ModelConfig) -> tuple[Posterior, Posterior]:
-    """(posterior to render from, posterior to export as ``latent``): the encoder's posterior of ``x``, then
-    ``cfg.render_cycles`` / ``cfg.latent_cycles`` times over the posterior of the face rendered as identity
-    ``cfg.canonical_identity`` (the ``model.*_cycles`` deviations; 0 = the paper's encoder posterior).
+    """(posterior to render from, posterior to export as ``latent``): the encoder's posterior of ``x``, and the
+    posterior of the face rendered as identity ``cfg.canonical_identity`` and encoded again, ``cfg.latent_cycles``
+    times over (the ``model.latent_cycles`` deviation; with 0 both are the paper's encoder posterior).
 
     Each cycle encodes a face that shows the canonical person with the source's expression and pose: whatever the
     first encoding kept of the source's identity must survive a rendering as someone else to be read again. Each
     cycle costs one decoder and one encoder pass (docs/model.md, "Canonical re-encoding")."""
-    chain = [encoder(x)]
+    first = exported = encoder(x)
     codes = torch.full((len(x),), cfg.canonical_identity, dtype=torch.long, device=x.device)
-    for _ in range(max(cfg.render_cycles, cfg.latent_cycles)):
-        chain.append(encoder(decoder(chain[-1][0], codes)))
-    return chain[cfg.render_cycles], chain[cfg.latent_cycles]
+    for _ in range(cfg.latent_cycles):
+        exported = encoder(decoder(exported[0], codes))
+    return first, exported
 
 
 class Decoder(nn.Module):
