@@ -152,9 +152,9 @@ def test_parts_become_visible_only_when_published_and_never_after_a_cancel(tmp_p
     """What a part-writing task leaves is hidden until the driver publishes it; once request_cancel() has returned,
     publish() refuses, and remove_unpublished() clears the run's hidden files (pending parts, cut-short writes)."""
     from pprl.serve.batch import Progress, done_sources, remove_unpublished, write_part
-    from pprl.train.export import LatentGate
+    from pprl.train.export import ENCODER_MEAN, LatentGate
 
-    out, latent = str(tmp_path / "out"), LatentGate(False, "missing", False, "no bundle in this test").record()
+    out, latent = str(tmp_path / "out"), LatentGate(False, ENCODER_MEAN, "missing", False, "no bundle in this test").record()
     rows = [schema.error_row(f"s3://b/{i}.png", "unreadable", model_version="v1") for i in range(3)]
 
     def written(run: str) -> tuple[str, int, int]:
