@@ -124,10 +124,11 @@ class Anonymizer:
         per-track smoothing); the returned ``latents`` and domain scores stay those of each face itself."""
         x = self.to_tensor(images)
         targets = self.targets_for(len(x), target_identities)
-        codes, latents, probs = [], [], []  # rendered from, exported, expression
+        means, codes, latents, probs = [], [], [], []  # encoder's own means, rendered from, exported, expression
         for i in range(0, len(x), self.batch_size):
             chunk = x[i : i + self.batch_size]
             (mean, logvar), (latent, _) = self._posteriors(chunk)
+            means.append(mean.float().cpu().numpy())
             codes.append(reparameterize(mean, logvar) if sample else mean)
             latents.append(latent.float().cpu().numpy())
             probs.append(torch.softmax(self.discriminator(chunk)[2].float(), 1).cpu().numpy())
@@ -135,7 +136,7 @@ class Anonymizer:
         if latent_filter is not None:
             z = torch.as_tensor(np.asarray(latent_filter(z.float().cpu().numpy()), np.float32), device=self.device).to(z.dtype)
         outs = [self.to_uint8(self.decoder(z[i : i + self.batch_size], targets[i : i + self.batch_size])) for i in range(0, len(x), self.batch_size)]
-        domain = self.domain.score(self.input_latents(x)) if self.domain is not None else None
+        domain = self.domain.score(np.concatenate(means)) if self.domain is not None else None
         return AnonymizeResult(np.concatenate(outs), np.concatenate(latents), np.concatenate(probs), targets.cpu().numpy(), domain)
 
     def anonymize(self, images: ImageInput, target_identities: int | Sequence[int] | np.ndarray, sample: bool = False) -> np.ndarray:
