@@ -50,6 +50,7 @@ from pprl.footage.track import Face, IoUTracker
 from pprl.footage.video import VIDEO_SUFFIXES, EncodeOptions, Frame, VideoReader, VideoWriter
 from pprl.serve import schema as face_schema
 from pprl.serve.security import pseudonym_identity
+from pprl.storage import StorageError
 from pprl.train.export import LatentGate, bundle_info, latent_gate
 
 log = logging.getLogger(__name__)
@@ -603,6 +604,15 @@ class RunSummary:
         return self.index[self.index.suspect_frames.fillna(0) > 0]
 
 
+def _read_model(options: FootageOptions) -> tuple[dict[str, Any], LatentGate]:
+    """The bundle's facts and latent gate, read before any video starts so a broken bundle stops the run."""
+    try:
+        info = bundle_info(options.model)
+        return info, latent_gate(options.model, options.export_unaudited_latent, info)
+    except (ValueError, StorageError) as err:
+        raise SetupError(f"cannot load the model {options.model}: {err}") from err
+
+
 def anonymize_footage(
     input_uri: str,
     output_uri: str,
@@ -619,9 +629,8 @@ def anonymize_footage(
 
     ``on_row`` sees each video's index row as it finishes; once ``cancelled()`` is true no further video starts
     (those running finish and are kept)."""
-    info = bundle_info(options.model)
+    info, gate = _read_model(options)
     options.policy.check(int(info["num_identities"]))
-    gate = latent_gate(options.model, options.export_unaudited_latent, info)
     options = dataclasses.replace(options, policy=options.policy.resolved(), latent=gate)
     tasks = plan(input_uri, output_uri)
     rows = read_index(output_uri)
