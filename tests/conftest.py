@@ -113,15 +113,15 @@ TINY = [
 ]
 
 
-def make_trainer():
-    """A tiny cpu-quick trainer (16 px, 8-wide layers) after one step: a bundle in a second."""
+def make_trainer(*overrides: str):
+    """A tiny cpu-quick trainer (16 px, 8-wide layers, more ``overrides``) after one step: a bundle in a second."""
     import numpy as np
 
     from pprl.config import load_config
     from pprl.train.batches import InMemoryBatches
     from pprl.train.trainer import Trainer
 
-    cfg = load_config("cpu-quick", overrides=TINY)
+    cfg = load_config("cpu-quick", overrides=[*TINY, *overrides])
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
     trainer = Trainer(cfg, InMemoryBatches(images, rng.integers(0, 6, 16), rng.integers(0, 7, 16), 8), device="cpu")
@@ -131,11 +131,15 @@ def make_trainer():
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> str:
-    """An untrained tiny bundle (6 identities, 16 px) for plumbing tests."""
-    from pprl.train.export import export_bundle
+    """An untrained tiny bundle (6 identities, 16 px) for plumbing tests, with domain statistics and an identity
+    eraser (cpu-quick's ``model.erase_identity``) fitted on 64 random faces."""
+    import numpy as np
+
+    from pprl.train.export import TrainingFaces, export_bundle
 
     out = str(tmp_path_factory.mktemp("tiny") / "bundle")
-    export_bundle(make_trainer(), out, {"note": "test"})
+    faces = np.random.default_rng(1).integers(0, 256, (64, 16, 16, 3), dtype=np.uint8)
+    export_bundle(make_trainer(), out, {"note": "test"}, training=TrainingFaces(faces, np.arange(64) % 6))
     return out
 
 
@@ -179,10 +183,9 @@ def trained_model(synth_data, tmp_path_factory) -> str:
     """
     cache = os.environ.get("PPRL_TEST_MODEL_CACHE")
     if cache and (Path(cache) / "bundle.json").exists():
-        from pprl.domain import attach_domain
-        from pprl.train.export import bundle_info
+        from pprl.train.export import attach_training_statistics, bundle_info
 
         if "domain" not in bundle_info(cache):
-            attach_domain(cache, synth_data)
+            attach_training_statistics(cache, synth_data)
         return cache
     return train_quick_model(synth_data, cache or str(tmp_path_factory.mktemp("model") / "bundle"))

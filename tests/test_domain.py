@@ -13,7 +13,7 @@ from conftest import make_trainer
 from pprl import storage
 from pprl.anonymizer import Anonymizer
 from pprl.domain import DOMAIN_FILE, WARNING, DomainStats, missing_note, mostly_out_of_domain
-from pprl.train.export import bundle_info, export_bundle
+from pprl.train.export import TrainingFaces, bundle_info, export_bundle
 
 
 def test_training_like_latents_spread_over_the_percentiles_and_far_ones_are_out_of_domain():
@@ -45,7 +45,7 @@ def faces(n: int, seed: int = 1) -> np.ndarray:
 def test_an_exported_bundle_carries_domain_statistics_and_one_without_them_still_loads(tmp_path):
     trainer = make_trainer()
     with_stats, without = str(tmp_path / "with"), str(tmp_path / "without")
-    info = export_bundle(trainer, with_stats, domain_faces=faces(64))
+    info = export_bundle(trainer, with_stats, training=TrainingFaces(faces(64), np.arange(64) % 6))
     export_bundle(trainer, without)
     entry = bundle_info(with_stats)["domain"]
     assert entry == info["domain"] and entry["faces"] == 64 and entry["latent_dim"] == 8 and entry["file"] == DOMAIN_FILE
@@ -70,10 +70,13 @@ def test_domain_stats_cli_adds_statistics_to_an_older_bundle(tiny_bundle, small_
 
     bundle = str(tmp_path / "old")
     shutil.copytree(tiny_bundle, bundle)
-    before = bundle_info(bundle)
-    assert "domain" not in before
+    before = {k: v for k, v in bundle_info(bundle).items() if k not in ("domain", "eraser")}  # as exported before them
+    storage.write_text(f"{bundle}/bundle.json", json.dumps(before))
+    assert Anonymizer.load(bundle).domain is None and Anonymizer.load(bundle).erasers is None
     main(["domain-stats", "--model", bundle, "--data", small_data])
     after = json.loads(storage.read_text(f"{bundle}/bundle.json"))
-    assert after["domain"]["faces"] == len(load_dataset(small_data).split("train"))  # fewer than DOMAIN_FACES: all of them
-    assert {k: v for k, v in after.items() if k != "domain"} == before  # the weights and their version are untouched
-    assert Anonymizer.load(bundle).domain is not None
+    faces = len(load_dataset(small_data).split("train"))  # fewer than DOMAIN_FACES: all of them
+    assert after["domain"]["faces"] == after["eraser"]["faces"] == faces  # cpu-quick sets model.erase_identity
+    assert {k: v for k, v in after.items() if k not in ("domain", "eraser")} == before  # the weights and version are untouched
+    model = Anonymizer.load(bundle)
+    assert model.domain is not None and model.erasers is not None and model.latent_kind.endswith("+leace_identity")

@@ -22,7 +22,7 @@ from pprl.footage import testclips
 from pprl.footage.detect import DetectorSpec
 from pprl.footage.pipeline import FootageOptions, anonymize_footage
 from pprl.serve import schema
-from pprl.train.export import AUDIT, AUDIT_FORMAT, ENCODER_MEAN, bundle_info, latent_gate, latent_kind, read_config, write_audit
+from pprl.train.export import AUDIT, AUDIT_FORMAT, ENCODER_MEAN, bundle_info, latent_gate, write_audit
 
 CASES = {  # case: (audit written, override) -> (latent exported, audit status, override recorded)
     "no audit": ((None, False), (False, "missing", False)),
@@ -32,9 +32,10 @@ CASES = {  # case: (audit written, override) -> (latent exported, audit status, 
 }
 
 
-def audited_copy(bundle: str, dest, passed: bool | None, version: str | None = None, kind: str | None = None) -> str:
-    """A copy of ``bundle`` with an audit that passed or failed (None: no audit), of ``version`` and latent ``kind``
-    (default: its own)."""
+def audited_copy(bundle: str, dest, passed: bool | None, version: str | None = None, kind: str | None = None,
+                 eraser: str | None = None) -> str:  # fmt: skip
+    """A copy of ``bundle`` with an audit that passed or failed (None: no audit), of ``version``, latent ``kind`` and
+    erasers' hash ``eraser`` (default: its own)."""
     out = str(dest / "bundle")
     shutil.copytree(bundle, out)
     if passed is not None:
@@ -43,7 +44,8 @@ def audited_copy(bundle: str, dest, passed: bool | None, version: str | None = N
             {
                 "format": AUDIT_FORMAT,
                 "model_version": version or bundle_info(out)["version"],
-                "latent_kind": kind or latent_kind(read_config(out).model),
+                "latent_kind": kind or latent_gate(out).kind,
+                "eraser_sha256": bundle_info(out)["eraser"]["sha256"] if eraser is None else eraser,
                 "passed": passed,
                 "attacks": [{"name": "latent-mlp", "figure": 0.91, "bar": 0.217, "op": "<=", "pass": passed}],
                 "created": "2026-12-01T00:00:00+00:00",
@@ -54,7 +56,7 @@ def audited_copy(bundle: str, dest, passed: bool | None, version: str | None = N
 
 def check_record(record: dict, expected: tuple[bool, str, bool]) -> None:
     exported, status, override = expected
-    assert record["latent_kind"] == "canonical_reencoding:3x:identity_0"  # cpu-quick's (model.latent_cycles)
+    assert record["latent_kind"] == "canonical_reencoding:3x:identity_0+leace_identity"  # cpu-quick's (model.latent_cycles, erase_identity)
     assert (record["latent_exported"], record["audit"], record["override"]) == expected
     if not exported:
         assert record["note"].startswith("latent withheld") and "--export-unaudited-latent" in record["note"]
@@ -74,6 +76,9 @@ def test_gate_reads_the_audit_of_these_weights_only(tiny_bundle, tmp_path):
     (tmp_path / "other-latent").mkdir()
     other = audited_copy(tiny_bundle, tmp_path / "other-latent", True, kind=ENCODER_MEAN)
     assert latent_gate(other).audit == "stale" and not latent_gate(other).exported  # it attacked another latent
+    (tmp_path / "other-eraser").mkdir()
+    refitted = audited_copy(tiny_bundle, tmp_path / "other-eraser", True, eraser="0" * 64)
+    assert latent_gate(refitted).audit == "stale" and "other identity erasers" in latent_gate(refitted).note
     (tmp_path / "bad").mkdir()
     bad = audited_copy(tiny_bundle, tmp_path / "bad", None)
     storage.write_text(storage.join(bad, AUDIT), "{not json")

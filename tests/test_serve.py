@@ -142,7 +142,7 @@ def test_details_json_jpeg_multipart_and_stable_pseudonyms(client, faces):
     body = detailed.json()
     info = client.get("/v1/info").json()["model"]
     # CI's model has no privacy audit: the latent is withheld, and the response says which latent and why
-    assert "latent" not in body and body["latent_kind"] == "canonical_reencoding:3x:identity_0" and body["latent_audit"]["audit"] == "missing"
+    assert "latent" not in body and body["latent_kind"] == "canonical_reencoding:3x:identity_0+leace_identity" and body["latent_audit"]["audit"] == "missing"
     assert not body["latent_audit"]["latent_exported"] and info["latent"]["note"] == body["latent_audit"]["note"]
     assert set(body["expression_probs"]) == set(info["expressions"]) and abs(sum(body["expression_probs"].values()) - 1) < 1e-3
     assert body["expression"] == max(body["expression_probs"], key=body["expression_probs"].get)

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from pprl import storage
 from pprl.config import Config
 from pprl.domain import DomainScores, DomainStats, read_domain
-from pprl.models.networks import build_networks, canonical_reencodings, reparameterize
+from pprl.eraser import Erasers, read_erasers
+from pprl.models.networks import build_networks, canonical_reencoding, reparameterize
 from pprl.train.export import WEIGHTS, bundle_info, latent_kind, read_config
 
 ImageInput = np.ndarray | torch.Tensor | Sequence[np.ndarray]
@@ -32,7 +33,7 @@ ImageInput = np.ndarray | torch.Tensor | Sequence[np.ndarray]
 @dataclass
 class AnonymizeResult:
     images: np.ndarray  # uint8 (N, S, S, 3)
-    latents: np.ndarray  # float32 (N, latent_dim): the exported latent's posterior mean (canonical_reencodings)
+    latents: np.ndarray  # float32 (N, latent_dim): the exported latent (Anonymizer._latents)
     expression_probs: np.ndarray  # float32 (N, N_exp): D's expression head on the INPUT face
     targets: np.ndarray  # int64 (N,): the identity each face was rendered with
     domain: DomainScores | None = None  # how unlike the training faces each input is; None without domain statistics
@@ -40,10 +41,11 @@ class AnonymizeResult:
 
 class Anonymizer:
     def __init__(self, config: Config, state: dict[str, dict], info: dict, device: str | torch.device | None = None,
-                 domain: DomainStats | None = None) -> None:  # fmt: skip
+                 domain: DomainStats | None = None, erasers: Erasers | None = None) -> None:  # fmt: skip
         self.config = config
         self.info = info
         self.domain = domain  # statistics of the training faces in latent space (pprl.domain); None: no scores
+        self.erasers = erasers  # identity erasers of the rendered and the exported latent (pprl.eraser); None: none
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.encoder, self.decoder, self.discriminator = (m.to(self.device).eval() for m in build_networks(config.model))
         self.encoder.load_state_dict(state["encoder"])
@@ -53,7 +55,7 @@ class Anonymizer:
         self.image_size, self.num_identities = model.image_size, model.num_identities
         self.num_expressions, self.latent_dim = model.num_expressions, model.latent_dim
         self.version = str(info.get("version", "unversioned"))
-        self.latent_kind = latent_kind(model)  # what ``run(...).latents`` holds
+        self.latent_kind = latent_kind(model, erased=erasers is not None)  # what ``run(...).latents`` holds
         self.batch_size = 256
 
     @classmethod
@@ -61,7 +63,7 @@ class Anonymizer:
         info = bundle_info(uri)
         config = read_config(uri)
         state = torch.load(io.BytesIO(storage.read_bytes(storage.join(uri, WEIGHTS))), map_location="cpu", weights_only=True)
-        return cls(config, state, info, device, read_domain(uri, info))
+        return cls(config, state, info, device, read_domain(uri, info), read_erasers(uri, info))
 
     # ------------------------------------------------------------------------------------------ inputs
     def to_tensor(self, images: ImageInput) -> torch.Tensor:
@@ -105,9 +107,17 @@ class Anonymizer:
         return x.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
     # ------------------------------------------------------------------------------------------ inference
-    def _posteriors(self, x: torch.Tensor):
-        """(posterior rendered from, posterior exported): ``canonical_reencodings`` with this bundle's config."""
-        return canonical_reencodings(self.encoder, self.decoder, x, self.config.model)
+    def _latents(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(encoder mean, its log-variance, the mean faces are rendered from, the exported latent) of faces ``x``.
+
+        With erasers (``model.erase_identity``) faces are rendered from the erased mean, and the exported latent is
+        the canonical re-encoding of that, erased again (pprl.eraser); the encoder's own mean stays for the domain check."""
+        mean, logvar = self.encoder(x)
+        render = mean if self.erasers is None else self.erasers.render.apply_torch(mean)
+        exported = canonical_reencoding(self.encoder, self.decoder, render, self.config.model)
+        if self.erasers is not None:
+            exported = self.erasers.export.apply_torch(exported)
+        return mean, logvar, render, exported
 
     @torch.no_grad()
     def run(
@@ -127,9 +137,9 @@ class Anonymizer:
         means, codes, latents, probs = [], [], [], []  # encoder's own means, rendered from, exported, expression
         for i in range(0, len(x), self.batch_size):
             chunk = x[i : i + self.batch_size]
-            (mean, logvar), (latent, _) = self._posteriors(chunk)
+            mean, logvar, render, latent = self._latents(chunk)
             means.append(mean.float().cpu().numpy())
-            codes.append(reparameterize(mean, logvar) if sample else mean)
+            codes.append(reparameterize(render, logvar) if sample else render)
             latents.append(latent.float().cpu().numpy())
             probs.append(torch.softmax(self.discriminator(chunk)[2].float(), 1).cpu().numpy())
         z = torch.cat(codes)
@@ -146,7 +156,7 @@ class Anonymizer:
     def encode(self, images: ImageInput) -> np.ndarray:
         """The latent means these images' outputs would carry (``run(...).latents``)."""
         x = self.to_tensor(images)
-        return np.concatenate([self._posteriors(x[i : i + self.batch_size])[1][0].float().cpu().numpy() for i in range(0, len(x), self.batch_size)])
+        return np.concatenate([self._latents(x[i : i + self.batch_size])[3].float().cpu().numpy() for i in range(0, len(x), self.batch_size)])
 
     @torch.no_grad()
     def input_latents(self, images: ImageInput) -> np.ndarray:
@@ -172,10 +182,11 @@ class Anonymizer:
 
     @torch.no_grad()
     def morph(self, a: ImageInput, b: ImageInput, steps: int, identity: int) -> np.ndarray:
-        """Decode latent means interpolated from ``a`` to ``b`` with one fixed identity: (steps, S, S, 3)."""
+        """Decode the latents ``anonymize`` renders from, interpolated from ``a`` to ``b``, with one fixed identity:
+        (steps, S, S, 3)."""
         if steps < 2:
             raise ValueError(f"steps must be >= 2, got {steps}")
-        za, zb = (self._posteriors(self.to_tensor(im)[:1])[0][0] for im in (a, b))
+        za, zb = (self._latents(self.to_tensor(im)[:1])[2] for im in (a, b))
         alphas = torch.linspace(0, 1, steps, device=self.device)[:, None]
         z = (1 - alphas) * za + alphas * zb
         return self.to_uint8(self.decoder(z, self.targets_for(steps, identity)))

@@ -42,6 +42,9 @@ class ModelConfig:
     # identity canonical_identity and encoded again, latent_cycles times over (docs/model.md, "Canonical re-encoding")
     latent_cycles: int = 0
     canonical_identity: int = 0
+    # deviation: the exported latent passes through a linear identity eraser (LEACE) fitted on the training faces
+    # when the bundle is exported (pprl.eraser; docs/model.md, "Identity eraser")
+    erase_identity: bool = False
 
     def __post_init__(self) -> None:
         self.encoder_widths = tuple(self.encoder_widths)

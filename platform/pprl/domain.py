@@ -13,14 +13,13 @@ encoder's latent space (``domain.npz``), and inference scores each face against 
 - a face is **out of domain** when its percentile exceeds ``OUT_OF_DOMAIN_PERCENTILE`` (99): farther out than 99 % of
   the training faces, which about 1 in 100 faces like the training faces is too.
 
-The statistics are written when a bundle is exported (``pprl.train.export.write_bundle(domain_faces=...)``) and can be
-added to an older bundle with ``attach_domain`` (``pprl domain-stats``). A bundle without them still loads: the
+The statistics are written when a bundle is exported (``pprl.train.export.write_bundle(training=...)``) and can be
+added to an older bundle with ``pprl.train.export.attach_training_statistics`` (``pprl domain-stats``). A bundle without them still loads: the
 scores are then absent (null) and the run says so once (``missing_note``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from pprl import storage
+from pprl.train.export import TrainingFaces, read_bundle_file, write_bundle_file
 
 log = logging.getLogger(__name__)
 
@@ -118,35 +117,28 @@ def sample_indices(n: int, limit: int = DOMAIN_FACES, seed: int = 0) -> np.ndarr
     return np.random.default_rng(seed).choice(n, limit, replace=False)
 
 
-def training_faces(dataset, size: int, limit: int = DOMAIN_FACES) -> np.ndarray:
-    """uint8 (N, size, size, 3): the sample of ``dataset``'s training split (a ``pprl.data.dataset.Dataset``) that the
+def training_faces(dataset, size: int, limit: int = DOMAIN_FACES) -> TrainingFaces:
+    """The sample of ``dataset``'s training split (a ``pprl.data.dataset.Dataset``) at ``size`` px that the bundle's
     statistics are taken from."""
     train = dataset.split("train")
     if train.empty:
         raise ValueError(f"{dataset.root}: no training split to take the domain statistics from")
-    return dataset.load_images(train.iloc[sample_indices(len(train), limit)], size)
+    rows = train.iloc[sample_indices(len(train), limit)]
+    return TrainingFaces(dataset.load_images(rows, size), rows["identity"].to_numpy())
 
 
 def write_domain(uri: str, stats: DomainStats) -> dict[str, Any]:
     """Write ``domain.npz`` into the bundle folder ``uri``; returns the ``domain`` entry for its ``bundle.json``."""
-    data = stats.to_bytes()
-    storage.write_bytes(storage.join(uri, DOMAIN_FILE), data)
-    return {**stats.summary(), "file": DOMAIN_FILE, "sha256": hashlib.sha256(data).hexdigest()}
+    return {**stats.summary(), **write_bundle_file(uri, DOMAIN_FILE, stats.to_bytes())}
 
 
 def read_domain(uri: str, info: dict[str, Any]) -> DomainStats | None:
     """The statistics ``bundle.json`` (``info``) names, or None when it names none (a bundle exported before them).
 
     A file that is named but missing, altered or of another latent size is an error naming it: the bundle is broken."""
-    entry = info.get("domain")
-    if not entry:
+    data, target = read_bundle_file(uri, info, "domain", DOMAIN_FILE)
+    if data is None:
         return None
-    target = storage.join(uri, entry.get("file", DOMAIN_FILE))
-    if not storage.exists(target):
-        raise ValueError(f"{target}: missing, although bundle.json names it")
-    data = storage.read_bytes(target)
-    if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise ValueError(f"{target}: does not match the sha256 in bundle.json (written by another export?)")
     stats = DomainStats.from_bytes(data, target)
     if "latent_dim" in info and len(stats.mean) != int(info["latent_dim"]):
         raise ValueError(f"{target}: statistics of a {len(stats.mean)}-d latent, the model's is {info['latent_dim']}-d")
@@ -164,23 +156,3 @@ def mostly_out_of_domain(faces: int, out_of_domain: int) -> str | None:
     if faces <= 0 or out_of_domain / faces <= MOSTLY:
         return None
     return f"{out_of_domain} of {faces} faces ({out_of_domain / faces:.0%}) are out of domain: {WARNING}"
-
-
-def attach_domain(bundle_uri: str, data_uri: str, limit: int = DOMAIN_FACES) -> dict[str, Any]:
-    """Give an existing bundle domain statistics from its training split at ``data_uri``; returns the new entry.
-
-    The weights, and so the bundle's version (and any privacy audit of it), are unchanged; ``bundle.json`` is
-    rewritten with the ``domain`` entry after ``domain.npz`` is in place."""
-    import json
-
-    from pprl.anonymizer import Anonymizer
-    from pprl.data.dataset import load_dataset
-    from pprl.train.export import INFO, bundle_info
-
-    model = Anonymizer.load(bundle_uri)
-    faces = training_faces(load_dataset(data_uri), model.image_size, limit)
-    entry = write_domain(bundle_uri, DomainStats.fit(model.input_latents(faces)))
-    info = {**bundle_info(bundle_uri), "domain": entry}
-    storage.write_text(storage.join(bundle_uri, INFO), json.dumps(info, indent=2))
-    log.info("%s: domain statistics of %d training faces from %s written", bundle_uri, len(faces), data_uri)
-    return entry

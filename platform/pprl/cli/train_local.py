@@ -35,18 +35,23 @@ def train_local_cmd(
 
 
 def domain_stats_cmd(
-    model: str = typer.Option(..., "--model", help="Model bundle folder (local or s3://) to add domain.npz to."),
+    model: str = typer.Option(..., "--model", help="Model bundle folder (local or s3://) to add domain.npz (and eraser.npz) to."),
     data: str = typer.Option(..., "--data", help="The dataset the bundle was trained on (its training split is sampled)."),
 ) -> None:
-    """Write the statistics of the bundle's training faces in latent space (domain.npz), for the out-of-domain score."""
-    from pprl.domain import attach_domain
+    """Write the statistics of the bundle's training faces in latent space (domain.npz), for the out-of-domain score,
+    and, when the bundle's config sets model.erase_identity, its identity eraser (eraser.npz)."""
+    from pprl.train.export import attach_training_statistics
 
     try:
-        entry = attach_domain(model, data)
+        entries = attach_training_statistics(model, data)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
-    typer.echo(f"{model}: domain statistics of {entry['faces']} training faces (median distance {entry['distance_median']:.2f}, "
-               f"99th percentile {entry['distance_p99']:.2f})")
+    domain = entries["domain"]
+    typer.echo(f"{model}: domain statistics of {domain['faces']} training faces (median distance {domain['distance_median']:.2f}, "
+               f"99th percentile {domain['distance_p99']:.2f})")
+    if "eraser" in entries:
+        ranks = ", ".join(f"{part} {rank}" for part, rank in entries["eraser"]["rank"].items())
+        typer.echo(f"{model}: identity erasers fitted (ranks: {ranks}); audit the bundle again (`pprl evaluate`)")
 
 
 def register(app: typer.Typer) -> None:

@@ -185,6 +185,7 @@ def audit_record(report: dict[str, Any], report_uri: str) -> dict[str, Any]:
         "format": AUDIT_FORMAT,
         "model_version": report["model"]["version"],
         "latent_kind": report["audit"]["latent_kind"],
+        "eraser_sha256": ((report["model"].get("bundle") or {}).get("eraser") or {}).get("sha256"),  # pprl.eraser
         "passed": report["audit"]["passed"],
         "attacks": [{k: a[k] for k in keep} for a in report["attacks"]],
         "data": {k: report["data"].get(k) for k in ("uri", "manifest_sha256", "n_train_used", "n_test")},

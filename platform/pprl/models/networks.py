@@ -112,22 +112,18 @@ def reparameterize(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
 
 
-Posterior = tuple[torch.Tensor, torch.Tensor]  # (mean, log-variance)
-
-
-def canonical_reencodings(encoder: nn.Module, decoder: nn.Module, x: torch.Tensor, cfg: ModelConfig) -> tuple[Posterior, Posterior]:
-    """(posterior to render from, posterior to export as ``latent``): the encoder's posterior of ``x``, and the
-    posterior of the face rendered as identity ``cfg.canonical_identity`` and encoded again, ``cfg.latent_cycles``
-    times over (the ``model.latent_cycles`` deviation; with 0 both are the paper's encoder posterior).
+def canonical_reencoding(encoder: nn.Module, decoder: nn.Module, z: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """The latent exported for latent means ``z``: the mean of the face rendered from ``z`` as identity
+    ``cfg.canonical_identity`` and encoded again, ``cfg.latent_cycles`` times over (the ``model.latent_cycles``
+    deviation; with 0, ``z`` itself: the paper's encoder mean).
 
     Each cycle encodes a face that shows the canonical person with the source's expression and pose: whatever the
     first encoding kept of the source's identity must survive a rendering as someone else to be read again. Each
     cycle costs one decoder and one encoder pass (docs/model.md, "Canonical re-encoding")."""
-    first = exported = encoder(x)
-    codes = torch.full((len(x),), cfg.canonical_identity, dtype=torch.long, device=x.device)
+    codes = torch.full((len(z),), cfg.canonical_identity, dtype=torch.long, device=z.device)
     for _ in range(cfg.latent_cycles):
-        exported = encoder(decoder(exported[0], codes))
-    return first, exported
+        z = encoder(decoder(z, codes))[0]
+    return z
 
 
 class Decoder(nn.Module):

@@ -385,7 +385,7 @@ class WorkerRun:
         from pprl.train.export import export_bundle
 
         faces = training_faces(self.dataset, self.config.model.image_size)
-        export_bundle(self.trainer, self.job.model_uri, domain_faces=faces)
+        export_bundle(self.trainer, self.job.model_uri, training=faces)
         log.info("model bundle written to %s", self.job.model_uri)
 
     # ------------------------------------------------------------------------------------------------- faults

@@ -2,12 +2,13 @@
 
 Layout (local or S3): ``model.pt`` (state dicts of the encoder, decoder and discriminator), ``config.yaml`` (the
 resolved run config), ``domain.npz`` (statistics of the training faces in latent space, for the domain check of
-``pprl.domain``; bundles exported before it have none) and ``bundle.json`` (version, sizes, step, last metrics, the
-``domain`` entry naming ``domain.npz`` with its hash). ``bundle.json`` is written last, so a folder that has one is
+``pprl.domain``; bundles exported before it have none), ``eraser.npz`` (the identity eraser of ``pprl.eraser``, when
+the config sets ``model.erase_identity``) and ``bundle.json`` (version, sizes, step, last metrics, the ``domain`` and
+``eraser`` entries naming their files with their hashes). ``bundle.json`` is written last, so a folder that has one is
 complete. ``privacy_audit.json``, when present, is the attack suite's verdict on these weights
 (written by ``pprl evaluate``); ``latent_gate`` reads it to decide whether outputs may carry the latent.
 
-    export_bundle(trainer, "s3://models/ferg/model", domain_faces=training_images)
+    export_bundle(trainer, "s3://models/ferg/model", training=TrainingFaces(images, identities))
 
 torch is imported only to write weights, so the serving front end and batch drivers read bundles without it.
 """
@@ -38,19 +39,35 @@ CONFIG = "config.yaml"
 INFO = "bundle.json"
 NETWORKS = ("encoder", "decoder", "discriminator")
 AUDIT = "privacy_audit.json"
+ERASER_FILE = "eraser.npz"  # pprl.eraser's file
 AUDIT_FORMAT = "pprl-privacy-audit/1"
 ENCODER_MEAN = "encoder_mean"  # the paper's latent: the encoder's posterior mean of the input face
 AUDIT_FIELDS = ("format", "model_version", "latent_kind", "passed", "attacks", "created")
+ERASED_KIND = "leace_identity"  # what latent_kind appends when the exported latent passes the identity eraser
 
 
-def export_bundle(trainer: Any, out: str, extra: dict[str, Any] | None = None, domain_faces: np.ndarray | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TrainingFaces:
+    """A sample of the training faces at the model's size (``pprl.domain.training_faces``), with their identities:
+    the bundle's domain statistics and identity eraser are fitted on them."""
+
+    images: np.ndarray  # uint8 (N, S, S, 3)
+    identity: np.ndarray  # int (N,)
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or len(self.identity) != len(self.images):
+            raise ValueError(f"training faces need images (N, S, S, 3) and N identities, got {self.images.shape} and {len(self.identity)}")
+
+
+def export_bundle(trainer: Any, out: str, extra: dict[str, Any] | None = None, training: TrainingFaces | None = None) -> dict[str, Any]:
     """Write the trainer's networks as a bundle at ``out``; ``extra`` is merged into ``bundle.json``. Returns its content.
 
-    ``domain_faces`` (uint8 NHWC at the model's size, e.g. ``pprl.domain.training_faces``): training faces whose latent
-    statistics the bundle carries for the domain check; without them the bundle has none."""
+    ``training``: training faces whose latent statistics the bundle carries for the domain check (without them it has
+    none), and that its identity eraser is fitted on when the config sets ``model.erase_identity`` (without them the
+    bundle has no eraser, and its ``latent_kind`` says so)."""
     last = trainer.history[-1] if trainer.history else None
     return write_bundle(out, trainer.config, trainer.networks(), step=trainer.step, epoch=trainer.epoch, metrics=last, extra=extra,
-                        domain_faces=domain_faces)
+                        training=training)
 
 
 def write_bundle(
@@ -62,9 +79,9 @@ def write_bundle(
     epoch: int = 0,
     metrics: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
-    domain_faces: np.ndarray | None = None,
+    training: TrainingFaces | None = None,
 ) -> dict[str, Any]:
-    """Write a bundle from plain (unwrapped) networks (``domain_faces``: see ``export_bundle``)."""
+    """Write a bundle from plain (unwrapped) networks (``training``: see ``export_bundle``)."""
     import torch
 
     missing = [n for n in NETWORKS if n not in networks]
@@ -93,29 +110,84 @@ def write_bundle(
     }
     storage.write_bytes(storage.join(out, WEIGHTS), weights)
     storage.write_text(storage.join(out, CONFIG), config.to_yaml())
-    if domain_faces is not None:
-        info["domain"] = _write_domain(out, config, state, info, domain_faces)
+    if training is not None:
+        from pprl.anonymizer import Anonymizer
+
+        info.update(write_training_statistics(out, Anonymizer(config, state, info, device="cpu"), training))
+    elif config.model.erase_identity:
+        log.warning("%s: exported without training faces, so without the identity eraser model.erase_identity asks for: "
+                    "its latent is %s", out, latent_kind(config.model, erased=False))  # fmt: skip
     storage.write_text(storage.join(out, INFO), json.dumps(info, indent=2))
     return info
 
 
-def _write_domain(out: str, config: Config, state: dict[str, dict], info: dict[str, Any], faces: np.ndarray) -> dict[str, Any]:
-    """Encode ``faces`` as inference will (``Anonymizer.input_latents``, on CPU) and write their statistics to the bundle."""
-    from pprl.anonymizer import Anonymizer
+def write_training_statistics(out: str, model: Any, training: TrainingFaces) -> dict[str, Any]:
+    """Encode the training faces as inference will with ``model`` (an ``Anonymizer`` without erasers), write their
+    domain statistics into the bundle folder ``out`` and, when its config sets ``model.erase_identity``, the identity
+    erasers fitted on them (``pprl.eraser``); returns the ``bundle.json`` entries. ``model`` ends with the erasers."""
     from pprl.domain import DomainStats, write_domain
+    from pprl.eraser import Erasers, IdentityEraser, write_erasers
 
-    latents = Anonymizer(config, state, info, device="cpu").input_latents(np.asarray(faces))
-    entry = write_domain(out, DomainStats.fit(latents))
-    log.info("%s: domain statistics of %d training faces (median distance %.2f)", out, len(faces), entry["distance_median"])
-    return entry
+    if model.erasers is not None:
+        raise ValueError("the statistics are fitted on the latents before erasure: pass a model without erasers")
+    means = model.input_latents(training.images)
+    entries = {"domain": write_domain(out, DomainStats.fit(means))}
+    log.info("%s: domain statistics of %d training faces (median distance %.2f)", out, len(means), entries["domain"]["distance_median"])
+    if model.config.model.erase_identity:
+        render = IdentityEraser.fit(means, training.identity, model.num_identities)
+        model.erasers = Erasers(render, IdentityEraser.identity(len(render.mean)))  # exports what the next fit erases
+        model.erasers = Erasers(render, IdentityEraser.fit(model.encode(training.images), training.identity, model.num_identities))
+        entries["eraser"] = write_erasers(out, model.erasers)
+        log.info("%s: identity erasers fitted on %d training faces (ranks %s)", out, len(means), entries["eraser"]["rank"])
+    return entries
 
 
-def latent_kind(model: ModelConfig) -> str:
+def attach_training_statistics(uri: str, data_uri: str) -> dict[str, Any]:
+    """Give an existing bundle the domain statistics (and identity eraser, when its config asks for one) of its
+    training split at ``data_uri``; returns the new ``bundle.json`` entries (``pprl domain-stats``).
+
+    The weights, and so the bundle's version, are unchanged; ``bundle.json`` is rewritten after the files are in place.
+    A new eraser changes the exported latent, so an earlier privacy audit of it no longer counts (``latent_gate``)."""
+    from pprl.anonymizer import Anonymizer
+    from pprl.data.dataset import load_dataset
+    from pprl.domain import training_faces
+
+    model = Anonymizer.load(uri, device="cpu")
+    model.erasers = None
+    entries = write_training_statistics(uri, model, training_faces(load_dataset(data_uri), model.image_size))
+    storage.write_text(storage.join(uri, INFO), json.dumps({**bundle_info(uri), **entries}, indent=2))
+    return entries
+
+
+def latent_kind(model: ModelConfig, erased: bool) -> str:
     """What outputs carry as ``latent`` (``pprl.models.networks.canonical_reencodings``): the encoder's mean of the
-    input face, or of its ``model.latent_cycles``-th re-encoding as the canonical identity."""
-    if not model.latent_cycles:
-        return ENCODER_MEAN
-    return f"canonical_reencoding:{model.latent_cycles}x:identity_{model.canonical_identity}"
+    input face, or of its ``model.latent_cycles``-th re-encoding as the canonical identity; ``erased``: passed through
+    the bundle's identity eraser (``pprl.eraser``)."""
+    kind = ENCODER_MEAN if not model.latent_cycles else f"canonical_reencoding:{model.latent_cycles}x:identity_{model.canonical_identity}"
+    return f"{kind}+{ERASED_KIND}" if erased else kind
+
+
+def write_bundle_file(uri: str, name: str, data: bytes) -> dict[str, str]:
+    """Write a file of fitted statistics into the bundle folder ``uri``; returns its ``bundle.json`` entry's name and
+    hash (``read_bundle_file`` checks them)."""
+    storage.write_bytes(storage.join(uri, name), data)
+    return {"file": name, "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def read_bundle_file(uri: str, info: dict[str, Any], key: str, default_name: str) -> tuple[bytes | None, str]:
+    """(content, URI) of the file ``bundle.json``'s entry ``key`` names; (None, "") when there is no entry.
+
+    A named file that is missing or altered is an error naming it: the bundle is broken."""
+    entry = info.get(key)
+    if not entry:
+        return None, ""
+    target = storage.join(uri, entry.get("file", default_name))
+    if not storage.exists(target):
+        raise ValueError(f"{target}: missing, although bundle.json names it")
+    data = storage.read_bytes(target)
+    if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise ValueError(f"{target}: does not match the sha256 in bundle.json (written by another export?)")
+    return data, target
 
 
 def read_config(uri: str) -> Config:
@@ -186,8 +258,9 @@ class LatentGate:
 
 def latent_gate(uri: str, override: bool = False, info: dict[str, Any] | None = None) -> LatentGate:
     """Read the audit of the bundle at ``uri`` and decide; ``override`` is the operator's export_unaudited_latent."""
-    kind = latent_kind(read_config(uri).model)
-    status, why, audited = _audit_status(uri, info or bundle_info(uri), kind)
+    info = info or bundle_info(uri)
+    kind = latent_kind(read_config(uri).model, erased=bool(info.get("eraser")))
+    status, why, audited = _audit_status(uri, info, kind)
     if status == "passed":
         return LatentGate(True, kind, status, False, f"privacy audit of {audited} passed: latent exported", audited)
     if override:
@@ -212,6 +285,8 @@ def _audit_status(uri: str, info: dict[str, Any], kind: str) -> tuple[str, str, 
     if audit.get("model_version") != info.get("version") or audit.get("latent_kind") != kind:
         of = f"{audit.get('model_version')!r} ({audit.get('latent_kind')})"
         return "stale", f"the privacy audit is of {of}, not of this bundle", audited
+    if audit.get("eraser_sha256") != (info.get("eraser") or {}).get("sha256"):
+        return "stale", f"the privacy audit is of these weights with other identity erasers than {ERASER_FILE}'s", audited
     if audit.get("passed") is not True:
         failed = [a.get("name", "?") for a in audit.get("attacks", []) if not a.get("pass")]
         return "failed", f"the privacy audit of {audited} failed ({', '.join(failed) or 'incomplete'})", audited
@@ -234,4 +309,4 @@ def export_checkpoint(checkpoint_uri: str, out: str, extra: dict[str, Any] | Non
     last = state["history"][-1] if state.get("history") else None
     faces = training_faces(load_dataset(data), config.model.image_size) if data else None
     return write_bundle(out, config, nets, step=int(state["step"]), epoch=int(state["epoch"]), metrics=last, extra=extra,
-                        domain_faces=faces)
+                        training=faces)

@@ -23,7 +23,7 @@ from pprl.data.dataset import Dataset, load_dataset
 from pprl.domain import sample_indices
 from pprl.train.batches import InMemoryBatches, to_model_range
 from pprl.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from pprl.train.export import export_bundle
+from pprl.train.export import TrainingFaces, export_bundle
 from pprl.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,8 @@ def train_local(config: Config, data: str, out: str, device: str | None = None, 
     finally:
         trainer.close()
     bundle = bundle or storage.join(out, "model")
-    info = export_bundle(trainer, bundle, domain_faces=images[sample_indices(len(images))])
+    sample = sample_indices(len(images))
+    info = export_bundle(trainer, bundle, training=TrainingFaces(images[sample], identity[sample]))
     log.info("bundle %s written to %s", info["version"], bundle)
     return bundle
 

@@ -5,7 +5,9 @@ and scored on the other half, so they can read identity wherever the model leave
 ``pprl evaluate``, pprl.evaluate.attacks, on the validation set instead of train/test):
 
 * ``latent_knn_acc``, ``latent_linear_acc``: the suite's cosine kNN and logistic-regression probes (``probe_spec``,
-  standardised inputs) on the exported latent, the encoder's mean in eval mode; bar chance + ``LATENT_MARGIN``;
+  standardised inputs) on the exported latent (eval mode; with ``model.erase_identity``, rendered and exported
+  through identity erasers fitted on the attackers' half, as the export fits them on the training faces); bar
+  chance + ``LATENT_MARGIN``;
 * ``output_knn_acc``, ``output_linear_acc``: the same probes on the frozen identity judge's penultimate features of the
   anonymised images (an attack 2 on the outputs); bar chance + ``IMAGE_MARGIN``.
 
@@ -31,9 +33,10 @@ import torch
 from torch import nn
 
 from pprl.config import ModelConfig
+from pprl.eraser import IdentityEraser
 from pprl.evaluate.attacks import EXPRESSION_BAR, IMAGE_MARGIN, LATENT_MARGIN, bar_op, meets
 from pprl.evaluate.classifiers import accuracy, fit, probe_spec, stratified_holdout, torch_threads
-from pprl.models.networks import canonical_reencodings
+from pprl.models.networks import canonical_reencoding
 from pprl.train.batches import to_model_range, to_uint8
 
 SCORE = "score"  # the metric ASHA and the best-trial choice use (mode: max)
@@ -89,9 +92,10 @@ class ValidationSet:
 
 @torch.no_grad()
 def anonymize(encoder: nn.Module, decoder: nn.Module, images: np.ndarray, targets: np.ndarray, model: ModelConfig,
-              batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 NHWC -> (uint8 NHWC rendered as ``targets`` from the latent mean, that float32 mean): what
-    ``Anonymizer.run`` renders and what the bundle exports as ``latent`` (``canonical_reencodings``).
+              erase_on: tuple[np.ndarray, np.ndarray] | None = None, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 NHWC -> (uint8 NHWC rendered as ``targets``, float32 exported latents): what ``Anonymizer.run`` renders
+    and exports (``Anonymizer._latents``). ``erase_on`` = (indices, identities) of faces to fit the identity erasers
+    on, as the export fits them on training faces (``model.erase_identity``; pprl.eraser).
 
     Networks run in eval mode (BatchNorm running statistics, no dropout) and get their previous mode back.
     """
@@ -99,18 +103,26 @@ def anonymize(encoder: nn.Module, decoder: nn.Module, images: np.ndarray, target
     modes = encoder.training, decoder.training
     encoder.eval()
     decoder.eval()
+
+    def batched(fn, *arrays: np.ndarray) -> np.ndarray:
+        return np.concatenate([fn(*(a[i : i + batch_size] for a in arrays)) for i in range(0, len(arrays[0]), batch_size)])
+
+    def erase(latents: np.ndarray) -> np.ndarray:
+        if erase_on is None:
+            return latents
+        return IdentityEraser.fit(latents[erase_on[0]], erase_on[1], model.num_identities).apply(latents)
+
+    def as_tensor(z: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(z, device=device)
+
     try:
-        fakes, means = [], []
-        for start in range(0, len(images), batch_size):
-            x = to_model_range(np.array(images[start : start + batch_size])).to(device)
-            c = torch.as_tensor(targets[start : start + batch_size], dtype=torch.int64, device=device)
-            (mean, _), (latent, _) = canonical_reencodings(encoder, decoder, x, model)
-            fakes.append(to_uint8(decoder(mean, c)))
-            means.append(latent.float().cpu().numpy())
+        means = erase(batched(lambda x: encoder(to_model_range(np.array(x)).to(device))[0].float().cpu().numpy(), images))
+        fakes = batched(lambda z, c: to_uint8(decoder(as_tensor(z), as_tensor(c).long())), means, targets)
+        latents = batched(lambda z: canonical_reencoding(encoder, decoder, as_tensor(z), model).float().cpu().numpy(), means)
     finally:
         encoder.train(modes[0])
         decoder.train(modes[1])
-    return np.concatenate(fakes), np.concatenate(means)
+    return fakes, erase(latents)
 
 
 def probe_accuracy(arch: str, features: np.ndarray, labels: np.ndarray, halves: tuple[np.ndarray, np.ndarray], num_classes: int) -> float:
@@ -125,9 +137,10 @@ def probe_accuracy(arch: str, features: np.ndarray, labels: np.ndarray, halves: 
 def evaluate(encoder: nn.Module, decoder: nn.Module, judges, val: ValidationSet, model: ModelConfig, privacy_weight: float) -> dict[str, float | bool]:
     """Every attack's figure, the pass of each bar, the leakage and the score for one model state."""
     num_identities = model.num_identities
-    fakes, latents = anonymize(encoder, decoder, val.images, val.targets, model)
-    spaces = {"latent": latents, "output": judges.identity_features(fakes)}
     halves = val.halves()
+    erase_on = (halves[0], val.identity[halves[0]]) if model.erase_identity else None  # faces of known identity
+    fakes, latents = anonymize(encoder, decoder, val.images, val.targets, model, erase_on)
+    spaces = {"latent": latents, "output": judges.identity_features(fakes)}
     figures = {f"{space}_{arch}": probe_accuracy(arch, x, val.identity, halves, num_identities)
                for space, x in spaces.items() for arch in PROBES}  # fmt: skip
     figures["expression"] = judges.expression_accuracy(fakes, val.expression)
