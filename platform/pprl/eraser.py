@@ -111,7 +111,7 @@ class Erasers:
     export: IdentityEraser
 
     def summary(self) -> dict[str, Any]:
-        """What ``bundle.json`` says about them (with the file name and hash ``write_eraser`` adds)."""
+        """What ``bundle.json`` says about them (with the file name and hash ``write_erasers`` adds)."""
         return {"format": ERASER_FORMAT, "method": "leace", "concept": "identity", "faces": self.export.faces,
                 "latent_dim": len(self.export.mean), "rank": {"render": self.render.rank, "export": self.export.rank}}  # fmt: skip
 

@@ -2,7 +2,7 @@
 
 Layout (local or S3): ``model.pt`` (state dicts of the encoder, decoder and discriminator), ``config.yaml`` (the
 resolved run config), ``domain.npz`` (statistics of the training faces in latent space, for the domain check of
-``pprl.domain``; bundles exported before it have none), ``eraser.npz`` (the identity eraser of ``pprl.eraser``, when
+``pprl.domain``; bundles exported before it have none), ``eraser.npz`` (the identity erasers of ``pprl.eraser``, when
 the config sets ``model.erase_identity``) and ``bundle.json`` (version, sizes, step, last metrics, the ``domain`` and
 ``eraser`` entries naming their files with their hashes). ``bundle.json`` is written last, so a folder that has one is
 complete. ``privacy_audit.json``, when present, is the attack suite's verdict on these weights
@@ -135,7 +135,8 @@ def write_training_statistics(out: str, model: Any, training: TrainingFaces) -> 
     log.info("%s: domain statistics of %d training faces (median distance %.2f)", out, len(means), entries["domain"]["distance_median"])
     if model.config.model.erase_identity:
         render = IdentityEraser.fit(means, training.identity, model.num_identities)
-        model.erasers = Erasers(render, IdentityEraser.identity(len(render.mean)))  # exports what the next fit erases
+        # encode() below must render from the render-erased mean and export unerased: what the export eraser is fitted on
+        model.erasers = Erasers(render, IdentityEraser.identity(len(render.mean)))
         model.erasers = Erasers(render, IdentityEraser.fit(model.encode(training.images), training.identity, model.num_identities))
         entries["eraser"] = write_erasers(out, model.erasers)
         log.info("%s: identity erasers fitted on %d training faces (ranks %s)", out, len(means), entries["eraser"]["rank"])
@@ -160,7 +161,7 @@ def attach_training_statistics(uri: str, data_uri: str) -> dict[str, Any]:
 
 
 def latent_kind(model: ModelConfig, erased: bool) -> str:
-    """What outputs carry as ``latent`` (``pprl.models.networks.canonical_reencodings``): the encoder's mean of the
+    """What outputs carry as ``latent`` (``Anonymizer._latents``, ``pprl.models.networks.canonical_reencoding``): the encoder's mean of the
     input face, or of its ``model.latent_cycles``-th re-encoding as the canonical identity; ``erased``: passed through
     the bundle's identity eraser (``pprl.eraser``)."""
     kind = ENCODER_MEAN if not model.latent_cycles else f"canonical_reencoding:{model.latent_cycles}x:identity_{model.canonical_identity}"
