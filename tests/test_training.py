@@ -287,35 +287,13 @@ def test_cpu_quick_disentangles_identity_from_expression(trained_model, synth_da
     source_id_acc = judges.identity_accuracy(result.images, identity)
     expression_acc = judges.expression_accuracy(result.images, expression)
     originals = judges.expression_accuracy(images, expression), judges.identity_accuracy(images, identity)
-    latent_acc = latent_identity_accuracy(anon, ds)
     print(
         f"\ncpu-quick on {len(images)} held-out faces: target identity {target_acc:.3f}, source expression "
-        f"{expression_acc:.3f}, source identity {source_id_acc:.3f}, latent-MLP identity {latent_acc:.3f} "
+        f"{expression_acc:.3f}, source identity {source_id_acc:.3f} "
         f"(judges on originals: expression {originals[0]:.3f}, identity {originals[1]:.3f})"
     )
     assert target_acc >= 0.90
     assert expression_acc >= 0.80  # the latent's identity (attack 3) is issue 5's bar: tests/test_evaluate.py
-
-
-def latent_identity_accuracy(anon, ds, epochs: int = 30) -> float:
-    """An MLP trained on training-set latent means, tested on the test set's: how much identity the latent keeps."""
-    from torch import nn
-
-    train_x, train_id, _ = ds.arrays("train", anon.image_size)
-    test_x, test_id, _ = ds.arrays("test", anon.image_size)
-    z_train, z_test = torch.from_numpy(anon.encode(train_x)), torch.from_numpy(anon.encode(test_x))
-    torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Linear(anon.latent_dim, 128), nn.LeakyReLU(0.2), nn.Linear(128, 128), nn.LeakyReLU(0.2), nn.Linear(128, anon.num_identities))
-    opt = torch.optim.Adam(mlp.parameters(), 1e-3)
-    labels = torch.from_numpy(train_id)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(z_train)).split(256):
-            loss = nn.functional.cross_entropy(mlp(z_train[idx]), labels[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    with torch.no_grad():
-        return float((mlp(z_test).argmax(1).numpy() == test_id).mean())
 
 
 def test_sample_grid_of_the_fixture_model_is_written(trained_model):
