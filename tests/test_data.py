@@ -53,7 +53,7 @@ def test_synthetic_factors_are_visible_and_independent(synth_data):
     xt, xv = _tensor(x_train), _tensor(x_test)
     yi, ye = torch.from_numpy(id_train), torch.from_numpy(ex_train)
     net = _two_head_cnn(ds.num_identities)
-    epochs, batch = 8, 128
+    epochs, batch = 6, 128  # test accuracy (2026-12-02): 8 epochs identity 99.9 %, expression 98.8 %; 6: 99.9 / 98.3 %; 4: 99.9 / 95.6 %
     opt = torch.optim.Adam(net.parameters(), 3e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * -(-len(xt) // batch))
     for _epoch in range(epochs):
