@@ -119,19 +119,6 @@ def test_job_local_storage_then_resume_by_name(ray_head, small_data, tmp_path):
     check_run(run, epochs=3)
 
 
-def test_worker_crash_is_survived_with_dali(ray_head, small_data, tmp_path):
-    """Rank 1 exits mid-epoch 2; Ray restarts the group from the epoch-1 checkpoint (new DALI pipelines on every
-    rank, at epoch 2's data position) and the run ends at the right step. The PyTorch loader's restart is the rollback
-    test's (it replays an epoch from a checkpoint the same way)."""
-    store, name = str(tmp_path / "runs"), f"crash-{uuid.uuid4().hex[:6]}"
-    args = [*TINY, "--num-workers", "2", "--loader", "dali", "--data", small_data, "--storage", store, "--name", name, "--epochs", "2"]
-    log = submit(ray_head, tmp_path, args, env={"PPRL_FAIL_AT_STEP": f"1:{STEPS + 1}"})
-    run = storage.join(store, name)
-    assert storage.exists(storage.join(run, f".fault-injected-rank1-step{STEPS + 1}"))
-    assert "rank 1 exits at step" in log and "resumed at epoch 1, step 2" in log  # from the checkpoint, not from scratch
-    check_run(run, epochs=2)
-
-
 def test_collapse_on_one_rank_rolls_every_rank_back_to_the_same_checkpoint(ray_head, small_data, tmp_path):
     """Rank 1 alone flags a collapse after epoch 2: both ranks roll back to the epoch-1 checkpoint (the same
     parameters, bit for bit), reseed, replay epoch 2 and finish with identical parameters and a bundle."""
@@ -166,13 +153,22 @@ def s3_data(small_data, s3_bucket) -> str:
     return dest
 
 
-def test_job_s3_storage(ray_head, s3_data, s3_bucket, tmp_path):
-    """Data and run storage on S3: staged to local disk for DALI, checkpoints through pyarrow, bundle through s3fs."""
+def test_job_s3_storage_survives_a_worker_crash_with_dali(ray_head, s3_data, s3_bucket, tmp_path):
+    """Data and run storage on S3: staged to local disk for DALI, checkpoints through pyarrow, bundle through s3fs.
+
+    Rank 1 exits mid-epoch 2; Ray restarts the group from the epoch-1 checkpoint on S3 (new DALI pipelines on every
+    rank, at epoch 2's data position) and the run ends at the right step. One job carries both checks: a job costs
+    about a minute of Ray start-up on 2 cores. Local checkpoints are restored by the resume test, and the PyTorch
+    loader's restart is the rollback test's (it replays an epoch from a checkpoint the same way)."""
     name = f"s3-{uuid.uuid4().hex[:6]}"
     store = f"{s3_bucket}/runs"
-    env = {**storage.s3_env(), "PPRL_CACHE_DIR": str(tmp_path / "stage")}
-    submit(ray_head, tmp_path, [*TINY, "--num-workers", "2", "--data", s3_data, "--storage", store, "--name", name, "--epochs", "2"], env=env)
-    check_run(storage.join(store, name), epochs=2)
+    env = {**storage.s3_env(), "PPRL_CACHE_DIR": str(tmp_path / "stage"), "PPRL_FAIL_AT_STEP": f"1:{STEPS + 1}"}
+    args = [*TINY, "--num-workers", "2", "--loader", "dali", "--data", s3_data, "--storage", store, "--name", name, "--epochs", "2"]
+    log = submit(ray_head, tmp_path, args, env=env)
+    run = storage.join(store, name)
+    assert storage.exists(storage.join(run, f".fault-injected-rank1-step{STEPS + 1}"))
+    assert "rank 1 exits at step" in log and "resumed at epoch 1, step 2" in log  # from the checkpoint, not from scratch
+    check_run(run, epochs=2)
     assert any((tmp_path / "stage").rglob("*.png"))
 
 
