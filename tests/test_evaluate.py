@@ -119,7 +119,9 @@ def test_identity_function_model_is_flagged(synth_data, s3_bucket):
     """A model that does not anonymise at all: attack 1 must recognise nearly everyone, every privacy attack of the
     suite must miss its bar, and the report says so."""
     out = f"{s3_bucket}/eval-identity"
-    options = options_for("quick", train_limit=600, strong_epochs=12, probe_epochs=100, inverter_epochs=8)
+    # 6 strong epochs and 4 of the inverter (2026-12-02: 12 and 8 before) leave every figure far from its check: the suite's
+    # privacy attacks at 95.6-100 % (bars <= 21.7-26.7 %), inversion 98.5 % (>= 90 %); 63 s instead of 87 s on 2 idle cores
+    options = options_for("quick", train_limit=600, strong_epochs=6, probe_epochs=100, inverter_epochs=4)
     report, evaluation, _ = run_evaluation(IdentityAnonymizer(32), load_dataset(synth_data), out, options, use_ray=False)
     _print_rows(report)
     attacks = _check_attacks(report)
