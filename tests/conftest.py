@@ -6,28 +6,112 @@ Expensive things are built once per test session and reused by every test that a
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
 import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
-import torch
+import torch  # noqa: F401  (loads libgomp before the wait policy below is set: this process keeps spinning threads)
 
 from pprl import cluster
 
 REPO = Path(__file__).resolve().parents[1]
-# OpenMP reads its wait policy once, when torch loads libgomp (imported above). This process trains the session model alone, where
-# spinning threads are faster (PASSIVE measured 0.31 against 0.26 s per cpu-quick step on 2 idle cores); the
-# processes it starts (Ray workers, CLI jobs) share the 2 cores with a Ray head and others, so they get PASSIVE.
+# Processes started from here (Ray workers, CLI jobs) share the 2 cores with a Ray head and others: OpenMP threads that
+# sleep when idle (PASSIVE) leave those cores to them. OpenMP reads the policy once, when torch loads libgomp; this
+# process loaded it above and keeps spinning threads, faster for the judges and evaluations it runs itself.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# The first test that asks for the session model trains it (752 s on 2 idle cores, longer under load): they get this.
+# The tests that need the session model wait for its training: they get this (752 s on 2 idle cores when alone).
 MODEL_TEST_TIMEOUT_S = 2700
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def needs_model(item: pytest.Item) -> bool:
+    return "trained_model" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that need the session model run last, while it trains in the background from the start (BackgroundModel)."""
+    global BACKGROUND
     for item in items:
-        if "trained_model" in getattr(item, "fixturenames", ()):
+        if needs_model(item):
             item.add_marker(pytest.mark.timeout(MODEL_TEST_TIMEOUT_S))
+    items.sort(key=needs_model)  # stable: each group keeps its order
+    cache = os.environ.get("PPRL_TEST_MODEL_CACHE")
+    cached = bool(cache) and (Path(cache) / "bundle.json").exists()
+    if any(map(needs_model, items)) and not (cached or config.option.collectonly or BACKGROUND):
+        BACKGROUND = BackgroundModel(Path(tempfile.mkdtemp(prefix="pprl-test-model-")))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if BACKGROUND is not None:
+        BACKGROUND.stop()
+
+
+class BackgroundModel:
+    """The session's cpu-quick model, made as a user makes one (``pprl data synth``, then ``pprl train-local``) by
+    niced processes that start at collection. Training is CPU-bound and most other tests wait on Ray, HTTP and
+    subprocesses, so it runs on the cycles they leave; the tests that need it run last. Deterministic like any
+    cpu-quick run: the same weights as training in the foreground."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.data, self.run = root, root / "ferg-like", root / "run"
+        self.log = root / "background.log"
+        self._data_ready, self._model_ready = threading.Event(), threading.Event()
+        self._failure: str | None = None
+        self._proc: subprocess.Popen | None = None
+        self._stopping = False
+        threading.Thread(target=self._work, name="background-model", daemon=True).start()
+
+    def _work(self) -> None:
+        pprl = [sys.executable, "-m", "pprl"]
+        threads = str(os.cpu_count() or 1)
+        steps = [
+            (pprl + ["data", "synth", "--out", str(self.data)], self._data_ready),
+            (pprl + ["train-local", "--preset", "cpu-quick", "--data", str(self.data), "--out", str(self.run),
+                     "--device", "cpu", "--threads", threads, "--no-resume"], self._model_ready),
+        ]  # fmt: skip
+        # niced: the tests in the foreground come first; spinning OpenMP threads then cost them nothing
+        env = os.environ | {"OMP_WAIT_POLICY": "ACTIVE"}
+        with self.log.open("w") as log:
+            for cmd, ready in steps:
+                if self._stopping:
+                    break
+                self._proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                              preexec_fn=lambda: os.nice(10), start_new_session=True)  # fmt: skip
+                if self._proc.wait() != 0 and not self._stopping:
+                    self._failure = f"{' '.join(cmd[2:4])} failed (exit {self._proc.returncode}); see {self.log}"
+                    break
+                ready.set()
+        self._data_ready.set()
+        self._model_ready.set()
+
+    def _wait(self, ready: threading.Event) -> None:
+        ready.wait()
+        if self._failure:
+            raise RuntimeError(self._failure + ":\n" + self.log.read_text()[-4000:])
+
+    def dataset(self) -> str:
+        self._wait(self._data_ready)
+        return str(self.data)
+
+    def bundle(self) -> str:
+        self._wait(self._model_ready)
+        return str(self.run / "model")
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self._proc is not None and self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGTERM)
+            self._proc.wait()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+BACKGROUND: BackgroundModel | None = None
 
 
 free_port = cluster.free_port
@@ -76,6 +160,8 @@ def reset_s3(endpoint: str) -> None:
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> str:
     """The embedded default: 6 identities x 7 expressions, 64x64, seed 0 (about 10k images, ~15 s on 2 cores)."""
+    if BACKGROUND is not None:  # the session model's training set
+        return BACKGROUND.dataset()
     from pprl.data.generate import SynthSpec, generate
 
     out = str(tmp_path_factory.mktemp("synth") / "ferg-like")
@@ -165,31 +251,23 @@ def judges(synth_data, trained_model):
     return train_judges(synth_data, size, epochs=7, batch_size=32, augment="video,geometric", processes=2)
 
 
-def train_quick_model(data: str, out: str) -> str:
-    """Train the cpu-quick preset on ``data`` in this process and export its bundle to ``out``; returns ``out``.
-
-    The run folder (sample grids, metrics.csv, checkpoint) is ``out``'s sibling ``run/``.
-    """
-    from pprl.config import load_config
-    from pprl.train.local import train_local
-
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    return train_local(load_config("cpu-quick"), data, str(Path(out).parent / "run"), device="cpu", resume=False, bundle=out)
-
-
 @pytest.fixture(scope="session")
-def trained_model(synth_data, tmp_path_factory) -> str:
-    """A cpu-quick bundle trained once per session on the synthetic default.
+def trained_model(synth_data) -> str:
+    """The cpu-quick bundle the session trains on the synthetic default (BackgroundModel); its run folder, with the
+    sample grids and metrics.csv, is the bundle's parent.
 
     Set ``PPRL_TEST_MODEL_CACHE=DIR`` to reuse (or create once) a bundle across sessions while developing; CI trains it.
     A cached bundle exported before bundles carried domain statistics gets them here (``pprl domain-stats``), as its
     training would have written them.
     """
     cache = os.environ.get("PPRL_TEST_MODEL_CACHE")
-    if cache and (Path(cache) / "bundle.json").exists():
+    if BACKGROUND is None:
         from pprl.train.export import attach_training_statistics, bundle_info
 
         if "domain" not in bundle_info(cache):
             attach_training_statistics(cache, synth_data)
         return cache
-    return train_quick_model(synth_data, cache or str(tmp_path_factory.mktemp("model") / "bundle"))
+    bundle = BACKGROUND.bundle()
+    if cache:
+        shutil.copytree(bundle, cache, dirs_exist_ok=True)
+    return bundle

@@ -137,7 +137,8 @@ class Config:
 
     def __post_init__(self) -> None:
         if self.loss.g_cycle > 0 and self.train.ema_decay == 0:
-            raise ValueError("loss.g_cycle > 0 needs train.ema_decay > 0: the weight-averaged encoder judges the cycle")
+            raise ValueError("loss.g_cycle > 0 needs train.ema_decay > 0: the weight-averaged encoder judges the cycle "
+                             "(set loss.g_cycle=0 as well to train without the average)")
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(asdict(self))
