@@ -34,16 +34,20 @@ def needs_model(item: pytest.Item) -> bool:
     return "trained_model" in getattr(item, "fixturenames", ())
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that need the session model run last, while it trains in the background from the start (BackgroundModel)."""
-    global BACKGROUND
     for item in items:
         if needs_model(item):
             item.add_marker(pytest.mark.timeout(MODEL_TEST_TIMEOUT_S))
     items.sort(key=needs_model)  # stable: each group keeps its order
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start training the session model if a selected test needs it (after -k/-m deselection) and none is cached."""
+    global BACKGROUND
     cache = os.environ.get("PPRL_TEST_MODEL_CACHE")
     cached = bool(cache) and (Path(cache) / "bundle.json").exists()
-    if any(map(needs_model, items)) and not (cached or config.option.collectonly or BACKGROUND):
+    if any(map(needs_model, session.items)) and not (cached or session.config.option.collectonly or BACKGROUND):
         BACKGROUND = BackgroundModel(Path(tempfile.mkdtemp(prefix="pprl-test-model-")))
 
 
