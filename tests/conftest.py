@@ -60,7 +60,7 @@ class BackgroundModel:
     """The session's cpu-quick model, made as a user makes one (``pprl data synth``, then ``pprl train-local``) by
     niced processes that start at collection. Training is CPU-bound and most other tests wait on Ray, HTTP and
     subprocesses, so it runs on the cycles they leave; the tests that need it run last. It trains with one thread per
-    core, as the foreground fixture did: the thread count changes the weights (docs/model.md)."""
+    core, as the foreground fixture did: thread counts change results (docs/evaluation.md, "Per seed")."""
 
     def __init__(self, root: Path) -> None:
         self.root, self.data, self.run = root, root / "ferg-like", root / "run"
