@@ -79,10 +79,10 @@ class BackgroundModel:
             (pprl + ["train-local", "--preset", "cpu-quick", "--data", str(self.data), "--out", str(self.run),
                      "--device", "cpu", "--threads", threads, "--no-resume"], self._model_ready),
         ]  # fmt: skip
-        # Niced, and in pytest's own session: with the kernel's autogroup scheduling (on in most distributions) a
+        # Niced, and in pytest's own session: with the kernel's autogroup scheduling (sched_autogroup_enabled) a
         # process in a session of its own (setsid) gets a fair share of the CPU against all of pytest's, whatever its
-        # nice value; that slowed CI's Ray tests 3x (bench/results/background-priority-2026-12-02.txt). In one session
-        # at nice 19, the tests in the foreground keep about 90 % of the cores and the training gets what they leave.
+        # nice value: busy foreground processes kept 0.31x of their speed alone beside it, 1.06x in one session at
+        # nice 19 (bench/background_priority.py); CI's test_cluster took 882 s beside the old way, 160 s alone.
         env = os.environ | {"OMP_WAIT_POLICY": "ACTIVE"}
         with self.log.open("w") as log:
             for cmd, ready in steps:
