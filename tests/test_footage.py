@@ -18,7 +18,7 @@ from pprl import domain
 from pprl.anonymizer import Anonymizer
 from pprl.footage import testclips
 from pprl.footage.detect import CenterFaceDetector, DetectorError, DetectorSpec, SidecarDetector, box_iou
-from pprl.footage.paste import Region, crop_region, extract, feather_mask, paste
+from pprl.footage.paste import Region, blur_surround, crop_region, extract, feather_mask, paste, surround
 from pprl.footage.pipeline import (
     FACES_SCHEMA,
     INDEX_SCHEMA,
@@ -159,6 +159,26 @@ def test_paste_changes_only_the_crop_and_fades_at_its_border():
     paste(frame, Region(-50, -50, 10), np.zeros((10, 10, 3), np.uint8), 0.2)  # entirely outside: a no-op
 
 
+def test_blur_surround_blurs_a_ring_around_the_crop_and_nothing_beyond():
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)
+    region = Region(30, 30, 20)
+    outer = surround(region, 0.5)
+    assert outer.box == (20, 20, 60, 60)
+    before = frame.copy()
+    blur_surround(frame, region, context=0.5, feather=0.15)
+    changed = np.abs(frame.astype(int) - before).sum(2) > 0
+    inside = np.zeros_like(changed)
+    inside[20:60, 20:60] = True
+    assert not changed[~inside].any() and changed[24:56, 24:56].all()
+    assert frame[24:56, 24:56].std() < 0.3 * before[24:56, 24:56].std()  # noise blurred away
+    untouched = frame.copy()
+    blur_surround(frame, region, context=0.0, feather=0.15)
+    assert np.array_equal(frame, untouched)
+    with pytest.raises(ValueError, match="blur_context"):
+        FootageOptions(model="m", blur_context=-0.1)
+
+
 # --- options and planning --------------------------------------------------------------------------------------
 
 
@@ -261,11 +281,11 @@ def test_every_labelled_face_is_replaced_and_nothing_else_changes(judged_run, tm
             x0, y0, x1, y1 = (round(v) for v in row.box)
             diff = np.abs(after[row.frame_index].astype(int) - before[row.frame_index].astype(int))
             inside.append(diff[y0:y1, x0:x1].mean())
-            rx0, ry0, rx1, ry1 = crop_region(row.box, options.margin).box
+            rx0, ry0, rx1, ry1 = surround(crop_region(row.box, options.margin), options.blur_context).box  # + the blurred ring
             touched[row.frame_index, max(ry0 - 8, 0) : ry1 + 8, max(rx0 - 8, 0) : rx1 + 8] = True  # + codec block spill
         # A face rendered as its own identity (about 1 track in 6) is re-synthesised, not copied, but changes less.
         assert min(inside) > 6 and np.median(inside) > 15, f"{rel}: a labelled face was left (nearly) unchanged: {min(inside):.1f}"
-        # Outside the pasted crops the output may differ from the input only as much as re-encoding alone makes it.
+        # Outside the pasted crops and their blurred rings the output may differ from the input only as much as re-encoding alone makes it.
         diff_out = np.abs(np.stack(after).astype(int) - np.stack(before)).max(-1)[~touched]
         diff_codec = np.abs(np.stack(plain).astype(int) - np.stack(before)).max(-1)[~touched]
         print(f"{rel}: outside the crops mean |diff| {diff_out.mean():.2f} (re-encode alone {diff_codec.mean():.2f}), "

@@ -28,6 +28,10 @@ def anonymize_footage_command(
     batch_frames: int = typer.Option(32, "--batch-frames", help="Frames detected and anonymised together (bounds memory)."),
     margin: float = typer.Option(0.14, "--margin", help="Crop margin around a face box, as a fraction of its side."),
     feather: float = typer.Option(0.15, "--feather", help="Paste fade-out width, as a fraction of the crop side."),
+    blur_context: float = typer.Option(
+        FootageOptions.blur_context, "--blur-context",
+        help="Blur a ring this fraction of the crop side wide around each crop (hair and head outline identify too); 0: off.",
+    ),  # fmt: skip
     detect_size: int = typer.Option(640, "--detect-size", help="CenterFace runs on frames shrunk to this long side."),
     threshold: float = typer.Option(0.5, "--threshold", help="CenterFace detection score threshold."),
     max_gap: int = typer.Option(2, "--max-gap", help="Missed detections (frames) the tracker bridges."),
@@ -63,6 +67,7 @@ def anonymize_footage_command(
             policy=TargetPolicy.parse(target_policy, key=pseudonym_key or os.environ.get("PPRL_PSEUDONYM_KEY"), seed=seed),
             margin=margin,
             feather=feather,
+            blur_context=blur_context,
             batch_frames=batch_frames,
             max_gap=max_gap,
             use_gpu=use_gpu,

@@ -3,7 +3,9 @@
 The crop is square and centred on the detection, its side ``max(w, h) * (1 + 2 * margin)``, so the face fills the
 crop about as much as it filled the training images; parts outside the frame are filled by repeating the edge.
 The generated face is resized to the crop and blended in with a mask that is 1 in the middle and falls smoothly to
-0 at the crop's border over ``feather`` of its side: pixels outside the crop are never touched.
+0 at the crop's border over ``feather`` of its side. Around the crop, ``blur_surround`` blurs a ring of the
+original (``context`` of the side on each side) first: the pasted face replaces the inner face only, and hair, head
+outline and ears there are what a face recogniser still matches (docs/footage.md, "Can I publish this?").
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 
 @dataclass(frozen=True)
@@ -66,3 +68,19 @@ def paste(frame: np.ndarray, region: Region, face: np.ndarray, feather: float) -
     target = frame[fy0:fy1, fx0:fx1].astype(np.float32)
     blended = target + mask * (face[sy, sx].astype(np.float32) - target)
     frame[fy0:fy1, fx0:fx1] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+def surround(region: Region, context: float) -> Region:
+    """The square around ``region`` reaching ``context`` of its side further on each side."""
+    pad = round(region.side * context)
+    return Region(region.x0 - pad, region.y0 - pad, region.side + 2 * pad)
+
+
+def blur_surround(frame: np.ndarray, region: Region, context: float, feather: float) -> None:
+    """Blur ``surround(region, context)`` in place with a Gaussian of sigma ``side / 8`` (the crop's side), fading
+    back to the original over ``feather`` of its side; a no-op when ``context`` is 0."""
+    if context <= 0:
+        return
+    outer = surround(region, context)
+    blurred = Image.fromarray(np.ascontiguousarray(extract(frame, outer))).filter(ImageFilter.GaussianBlur(region.side / 8))
+    paste(frame, outer, np.asarray(blurred), feather)

@@ -44,7 +44,7 @@ from pprl.data.dataset import encode_png
 from pprl.domain import missing_note, mostly_out_of_domain
 from pprl.footage.audit import AuditOptions, AuditResult, AuditTrail, audit_video, contact_sheet, suspect_columns
 from pprl.footage.detect import DetectorSpec, make_detector
-from pprl.footage.paste import crop_region, extract, paste
+from pprl.footage.paste import blur_surround, crop_region, extract, paste
 from pprl.footage.stability import TrackMemory, flicker
 from pprl.footage.track import Face, IoUTracker
 from pprl.footage.video import VIDEO_SUFFIXES, EncodeOptions, Frame, VideoReader, VideoWriter
@@ -166,6 +166,7 @@ class FootageOptions:
     policy: TargetPolicy = field(default_factory=TargetPolicy)
     margin: float = 0.14  # crop side = max(box w, h) * (1 + 2 margin): the face fills the crop as in training
     feather: float = 0.15  # fraction of the crop side over which the paste fades out
+    blur_context: float = 0.0  # a ring this fraction of the crop side wide around each crop is blurred (0 = off)
     batch_frames: int = 32  # frames detected and anonymised together (memory: this many decoded frames, plus max_gap)
     max_faces_per_batch: int = 256  # crops per Anonymizer.run call
     iou_threshold: float = 0.3
@@ -183,8 +184,9 @@ class FootageOptions:
             raise ValueError(f"batch_frames ({self.batch_frames}) and max_faces_per_batch ({self.max_faces_per_batch}) must be >= 1")
         if self.smooth_frames < 0:
             raise ValueError(f"smooth_frames must be >= 0 (0 = off), got {self.smooth_frames}")
-        if not 0 <= self.margin <= 2 or not 0 <= self.feather <= 0.5:
-            raise ValueError(f"margin must be in [0, 2] (got {self.margin}) and feather in [0, 0.5] (got {self.feather})")
+        if not 0 <= self.margin <= 2 or not 0 <= self.feather <= 0.5 or not 0 <= self.blur_context <= 2:
+            raise ValueError(f"margin and blur_context must be in [0, 2] and feather in [0, 0.5] (got margin {self.margin}, "
+                             f"blur_context {self.blur_context}, feather {self.feather})")
 
 
 @dataclass(frozen=True)
@@ -336,6 +338,8 @@ class _VideoRun:
         for (_, face), region in zip(items, regions, strict=True):
             self.trail.add(face, region, self.options.audit.low_score)
         crops = [extract(item.frame.image, region) for (item, _), region in zip(items, regions, strict=True)]
+        for (item, _), region in zip(items, regions, strict=True):  # every surround before any face is pasted
+            blur_surround(item.frame.image, region, self.options.blur_context, self.options.feather)
         targets = [self.options.policy.target(self.task.rel, face.track_id, n) for _, face in items]
         track_ids = [face.track_id for _, face in items]
         step = self.options.max_faces_per_batch
@@ -741,7 +745,7 @@ def run_footage_job(request, progress):
 
     ``request.identity`` maps onto the target policy: ``random`` -> random-per-track, ``N`` -> fixed N,
     ``pseudonym:<key>`` -> pseudonym keyed by the server's secret and ``<key>``. ``request.options`` may set
-    ``detector``, ``num_workers`` (default ``request.actors``), ``batch_frames``, ``margin``, ``feather``, ``crf``,
+    ``detector``, ``num_workers`` (default ``request.actors``), ``batch_frames``, ``margin``, ``feather``, ``blur_context``, ``crf``,
     ``audit`` (``sample``, ``all``, ``off``), ``smooth_frames``, ``retry_errors``. ``request.num_gpus`` > 0 runs each video
     task on that GPU share.
     """
@@ -760,6 +764,7 @@ def run_footage_job(request, progress):
         batch_frames=int(opts.pop("batch_frames", 32)),
         margin=float(opts.pop("margin", 0.14)),
         feather=float(opts.pop("feather", 0.15)),
+        blur_context=float(opts.pop("blur_context", FootageOptions.blur_context)),
         use_gpu=bool(request.num_gpus),
         encode=EncodeOptions(crf=int(opts.pop("crf", 18))),
         export_unaudited_latent=request.export_unaudited_latent,
