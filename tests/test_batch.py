@@ -7,6 +7,8 @@ import io
 import json
 import os
 import struct
+import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -174,6 +176,36 @@ def test_parts_become_visible_only_when_published_and_never_after_a_cancel(tmp_p
     remove_unpublished(out, "run1")
     left = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert left == sorted([Path(progress.parts[0]).name, Path(other_run[0]).name])  # another run's files are its own
+
+
+@pytest.mark.slow
+def test_a_closed_fence_lets_no_write_in_and_the_driver_waits_out_the_writes_inside(ray_head, tmp_path):
+    """Ray Data's shutdown does not wait for its tasks: the job's WriteFence is what makes a cancelled job clear its
+    unpublished parts only after the last write has ended, and keeps writes from starting after that."""
+    import ray
+
+    from pprl.serve.batch import WriteFence, remove_unpublished, wait_for_writes, write_part
+    from pprl.train.export import ENCODER_MEAN, LatentGate
+
+    out, latent = str(tmp_path / "out"), LatentGate(False, ENCODER_MEAN, "missing", False, "no bundle in this test").record()
+    table = schema.to_table([schema.error_row("s3://b/0.png", "unreadable", model_version="v1")])
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address=ray_head["address"])
+    try:
+        fence = ray.remote(num_cpus=0)(WriteFence).remote()
+        assert write_part(table, out, "run1", latent, fence).num_rows == 1  # open: written
+        assert ray.get(fence.enter.remote())  # a write in flight when the job is cancelled
+        threading.Timer(1.0, lambda: ray.get(fence.leave.remote())).start()
+        started = time.monotonic()
+        wait_for_writes(fence)
+        assert time.monotonic() - started >= 0.9  # waited until it left
+        late = write_part(table, out, "run1", latent, fence)
+        assert late.num_rows == 0 and late.schema.names == ["part", "rows", "errors"]  # closed: nothing written
+        remove_unpublished(out, "run1")
+        assert list((tmp_path / "out").iterdir()) == []
+    finally:
+        ray.shutdown()
 
 
 # --- the pipeline without HTTP -----------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ Every source ends up in exactly one row (or one row per face, for kinds that det
 be read or decoded becomes a row with ``error`` set, never a failed job. A rerun with the same output prefix skips
 every source already present in a part file there, so an interrupted or cancelled job resumes where it stopped.
 Once a cancel has been requested (:meth:`Progress.request_cancel`) no part is published any more; the job stops its
-pipeline and removes what its tasks had written but not published.
+pipeline, waits for the part writes in flight (:class:`WriteFence`) and removes what its tasks had written but not
+published.
 """
 
 from __future__ import annotations
@@ -206,15 +207,54 @@ def face_row(source_uri: str, face_index: int, result: Any, j: int, version: str
 PENDING = ".pending"  # a written part that the driver has not published: hidden (dot name), not *.parquet
 
 
-def write_part(batch: pa.Table, output: str, run_id: str, latent: dict[str, Any]) -> pa.Table:
+class WriteFence:
+    """Lets a job's driver wait out the part writes in flight before it clears what was not published.
+
+    Ray Data's shutdown cancels its tasks without waiting for them (``ray.cancel`` with ``force=False``), so a write
+    task already running when a job was cancelled could leave its part behind after :func:`remove_unpublished` had
+    run (CI saw a ``.pending`` part appear after the cancel). Each write enters the fence first; once closed it lets
+    no write in, and the driver waits until the writes inside have left. One per job, as a Ray actor."""
+
+    def __init__(self) -> None:
+        self._open, self._inside = True, 0
+
+    def enter(self) -> bool:
+        if self._open:
+            self._inside += 1
+        return self._open
+
+    def leave(self) -> None:
+        self._inside -= 1
+
+    def close(self) -> int:
+        """Let no further write in; returns how many are still writing."""
+        self._open = False
+        return self._inside
+
+
+WRITTEN = pa.schema({"part": pa.string(), "rows": pa.int64(), "errors": pa.int64()})  # what write_part tells the driver
+FENCE_TIMEOUT_S = 60.0  # a write task that died without leaving (its node lost) holds the cleanup no longer
+
+
+def write_part(batch: pa.Table, output: str, run_id: str, latent: dict[str, Any], fence: Any = None) -> pa.Table:
     """Write one block as a whole (atomic) part file under a hidden name, with the latent gate's ``latent`` record in
     its metadata; return it and its counts for the driver, which publishes it (or, once the job is cancelled, leaves
-    it to :func:`remove_unpublished`)."""
-    table = batch.cast(schema.with_latent_record(schema.RESULT_SCHEMA, latent))
-    uri = storage.join(output, f".part-{run_id}-{storage.unique_suffix()}.parquet{PENDING}")
-    storage.write_parquet(table, uri)
-    errors = table.num_rows - table.column("error").null_count
-    return pa.table({"part": [uri], "rows": [table.num_rows], "errors": [errors]})
+    it to :func:`remove_unpublished`). With the job's ``fence`` (a :class:`WriteFence` actor) a write starts only
+    while the job runs, and the driver knows when it has ended."""
+    if fence is not None:
+        import ray
+
+        if not ray.get(fence.enter.remote()):
+            return WRITTEN.empty_table()
+    try:
+        table = batch.cast(schema.with_latent_record(schema.RESULT_SCHEMA, latent))
+        uri = storage.join(output, f".part-{run_id}-{storage.unique_suffix()}.parquet{PENDING}")
+        storage.write_parquet(table, uri)
+        errors = table.num_rows - table.column("error").null_count
+        return pa.table({"part": [uri], "rows": [table.num_rows], "errors": [errors]}, schema=WRITTEN)
+    finally:
+        if fence is not None:
+            ray.get(fence.leave.remote())
 
 
 def publish_part(pending: str) -> str:
@@ -223,6 +263,17 @@ def publish_part(pending: str) -> str:
     name = os.path.basename(path)[1 : -len(PENDING)]
     fs.mv(path, f"{os.path.dirname(path)}/{name}")
     return f"{pending.rsplit('/', 1)[0]}/{name}"
+
+
+def wait_for_writes(fence: Any) -> None:
+    """Close the job's :class:`WriteFence` and wait until no task of the job is writing a part."""
+    import ray
+
+    deadline = time.monotonic() + FENCE_TIMEOUT_S
+    while (inside := ray.get(fence.close.remote())) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if inside:
+        log.warning("%d part writes still unfinished after %.0f s; clearing unpublished parts without them", inside, FENCE_TIMEOUT_S)
 
 
 def remove_unpublished(output: str, run_id: str) -> None:
@@ -264,6 +315,7 @@ def run_images_job(request: JobRequest, progress: Progress | None = None) -> Pro
     env = {"env_vars": storage.s3_env()} if storage.s3_env() else None
     blocks = max(1, min(len(items), math.ceil(len(items) / request.batch_size)))
     this_run = run_id()
+    fence = ray.remote(num_cpus=0)(WriteFence).remote()
     ds = (
         ray.data.from_items(items, override_num_blocks=blocks)
         .map_batches(
@@ -285,7 +337,7 @@ def run_images_job(request: JobRequest, progress: Progress | None = None) -> Pro
             runtime_env=env,
         )
         .map_batches(write_part, batch_format="pyarrow", batch_size=None, runtime_env=env,
-                     fn_kwargs={"output": request.output, "run_id": this_run, "latent": gate.record()})
+                     fn_kwargs={"output": request.output, "run_id": this_run, "latent": gate.record(), "fence": fence})
     )
     complete = False
     try:
@@ -300,7 +352,9 @@ def run_images_job(request: JobRequest, progress: Progress | None = None) -> Pro
                 complete = True
     finally:
         if not complete:
+            wait_for_writes(fence)
             remove_unpublished(request.output, this_run)
+        ray.kill(fence)
     return progress
 
 
