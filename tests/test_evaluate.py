@@ -152,13 +152,14 @@ def test_strict_exits_non_zero_when_an_attack_fails_and_the_audit_is_attached(ti
     shutil.copytree(tiny_bundle, model)
     args = ["evaluate", "--model", model, "--data", small_data, "--out", out, "--profile", "quick", "--no-ray",
             "--no-applications", "--epochs", "2", "--strong-epochs", "3", "--patience", "1", "--probe-epochs", "20",
-            "--inverter-epochs", "3"]  # fmt: skip
+            "--inverter-epochs", "3", "--expression-judges", "2"]  # fmt: skip
     with pytest.raises(SystemExit) as exited:
         main([*args, "--strict"])
     assert exited.value.code == 1
     report = json.loads(storage.read_text(storage.join(out, "report.json")))
     attacks = _check_attacks(report)
     assert not attacks["expression-attack-1"]["pass"] and not report["audit"]["passed"]
+    assert len(attacks["expression-attack-1"]["judges"]) == 2
     audit = read_audit(model)
     assert audit["passed"] is False and audit["model_version"] == report["model"]["version"]
     assert {a["name"] for a in audit["attacks"]} == set(TITLES)
@@ -186,17 +187,19 @@ def test_trained_model_hides_identity_keeps_expression(trained_model, synth_data
     assert unconstrained["identity_accuracy"] >= 0.98 and unconstrained["expression_accuracy"] >= 0.95
     assert rows[("attack-1", "paper-cnn")]["identity_accuracy"] <= 0.30
     assert rows[("attack-3", "paper-mlp")]["identity_accuracy"] <= 0.30
-    assert rows[("attack-1", "paper-cnn")]["expression_accuracy"] >= 0.85  # expression on anonymised images
     assert {("attack-2", "paper-cnn"), ("attack-1", "resnet"), ("attack-2", "resnet"), ("attack-3", "mlp-deep")} <= set(rows)
     _check_report_files(out, report["data"]["n_test"])
     attacks = _check_attacks(report)
     # every privacy attack of the suite meets its bar on the model users get (the identity erasers, docs/model.md);
-    # attack-1 expression is held to the paper's 85 % above, not to the suite's 90 %: one expression judge's figure
-    # moves by up to 11 points from judge seed to judge seed on the same renders (docs/evaluation.md, "Per seed")
+    # attack-1 expression (the mean of 5 expression judges: one judge's figure moves by up to 11 points from judge seed
+    # to judge seed on the same renders; docs/evaluation.md, "Per seed") is held to the paper's 85 %, not the suite's 90 %
     assert [name for name, a in attacks.items() if not a["pass"] and name != "expression-attack-1"] == []
+    judged = attacks["expression-attack-1"]
+    assert judged["figure"] >= 0.85, judged  # expression on anonymised images
     assert all(t["target_success_rate"] >= 0.90 for t in report["target_success"])  # the output shows the target
     assert report["audit"]["latent_kind"] == "canonical_reencoding:3x:identity_0+leace_identity"
-    assert attacks["expression-attack-1"]["figure"] == rows[("attack-1", "paper-cnn")]["expression_accuracy"]
+    assert judged["judges"][0] == rows[("attack-1", "paper-cnn")]["expression_accuracy"] and len(judged["judges"]) == 5
+    assert judged["figure"] == pytest.approx(np.mean(judged["judges"])) and judged["worst_judge"] == min(judged["judges"])
     assert "privacy audit:" in printed
 
 

@@ -37,6 +37,10 @@ def evaluate(
     inverter_epochs: int = typer.Option(
         None, "--inverter-epochs", help="Most epochs of the inversion attack's network (paper 60, quick 20)."
     ),
+    expression_judges: int = typer.Option(
+        None, "--expression-judges",
+        help="Paper expression CNNs (seeds --seed, --seed+1, ...) whose mean is the suite's attack-1 expression (5).",
+    ),  # fmt: skip
     strict: bool = typer.Option(
         False, "--strict", help="Exit 1 when an attack misses its bar (the report is still written)."
     ),
@@ -67,6 +71,7 @@ def evaluate(
         options = options_for(
             profile, train_limit=train_limit, paper_epochs=epochs, strong=strong, strong_epochs=strong_epochs,
             patience=patience, suite=suite, probe_epochs=probe_epochs, inverter_epochs=inverter_epochs, seed=seed,
+            expression_judges=expression_judges,
             allow_source_target=allow_source_target, sample=sample, gpus_per_task=gpus_per_task, applications=apps,
         )  # fmt: skip
     except ValueError as err:

@@ -153,6 +153,11 @@ def _suite_details(attacks: list[dict[str, Any]]) -> list[str]:
     if "attack-2" in by_name:
         readers = ", ".join(f"{arch} {_pct(v)}" for arch, v in by_name["attack-2"]["attackers"].items())
         lines.append(f"- Attack 2 per attacker: {readers}.")
+    if "judges" in by_name.get("expression-attack-1", {}):
+        judged = by_name["expression-attack-1"]
+        figures = ", ".join(_pct(v) for v in judged["judges"])
+        lines.append(f"- Expression on anonymised images per judge (attack 1's CNN first): {figures}; worst "
+                     f"{_pct(judged['worst_judge'])}.")  # fmt: skip
     if "inversion" in by_name:
         inv = by_name["inversion"]
         readers = ", ".join(f"{arch} {_pct(v)}" for arch, v in inv["readers"].items())

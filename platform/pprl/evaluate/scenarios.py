@@ -72,6 +72,9 @@ class EvalOptions:
     suite: bool = True  # the attack suite with its bars: latent probes, inversion, linkage (pprl.evaluate.attacks)
     probe_epochs: int = 300  # at most, for the suite's latent probes
     inverter_epochs: int = 60  # at most, for the inversion attack's network
+    # the suite's expression-attack-1 figure is the mean of this many paper expression CNNs (seeds seed, seed+1, ...):
+    # one judge's figure on the same renders moved by up to 11 points from seed to seed (docs/evaluation.md, "Per seed")
+    expression_judges: int = 5
     seed: int = 0  # targets, subsample, validation split, classifier init
     allow_source_target: bool = False  # True: targets drawn from all identities, the source's own included
     sample: bool = False  # anonymise with a sampled z instead of the latent mean
@@ -81,9 +84,9 @@ class EvalOptions:
 
     def __post_init__(self) -> None:
         epochs = (self.paper_epochs, self.strong_epochs, self.probe_epochs, self.inverter_epochs, self.paper_batch)
-        if self.train_limit < 0 or self.patience < 0 or min(epochs) < 1:
+        if self.train_limit < 0 or self.patience < 0 or min(*epochs, self.expression_judges) < 1:
             raise ValueError("train_limit and patience must be >= 0; paper_epochs, strong_epochs, probe_epochs, "
-                             "inverter_epochs and paper_batch >= 1")  # fmt: skip
+                             "inverter_epochs, paper_batch and expression_judges >= 1")  # fmt: skip
         if self.suite and not self.strong:
             raise ValueError("the attack suite needs the stronger attackers (its attack 2 is the ResNet): keep "
                              "them, or turn the suite off too (--no-attack-suite)")  # fmt: skip
@@ -157,13 +160,17 @@ def plan_jobs(options: EvalOptions) -> list[Job]:
 
 
 def suite_jobs(options: EvalOptions) -> list[Job]:
-    """The attack suite's own classifiers: latent probes (identity, and expression for utility) and the inverter."""
+    """The attack suite's own classifiers: latent probes (identity, and expression for utility), the expression judges
+    beyond attack 1's own CNN, and the inverter."""
     def probe(arch: str, task: str) -> Job:
         spec = probe_spec(arch, options.probe_epochs, options.patience, options.seed)
         return Job(f"probe-{arch}", task, "latent", ("latent",), spec)
 
     jobs = [probe(arch, "identity") for arch in attacks.LATENT_PROBES.values()]
     jobs.append(probe(attacks.EXPRESSION_PROBE, "expression"))
+    for k in range(1, options.expression_judges):  # judge 0 is attack 1's expression CNN (paper/expression/orig)
+        spec = replace(paper_spec(ARCHS[PAPER]["image"], options.paper_epochs, options.seed + k), batch_size=options.paper_batch)
+        jobs.append(Job(attacks.judge_attacker(k), "expression", "orig", ("anon",), spec))
     inverter = inverter_spec(options.inverter_epochs, options.patience, options.seed)
     return jobs + [Job("inverter", "reconstruct", "anon+code", ("anon+code",), inverter)]
 
