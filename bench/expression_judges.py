@@ -4,9 +4,10 @@
         --model seed-0=bench/.cache/privacy-seeds/seed-0/model --model seed-1=...   # 5 judges by default
 
 Attack 1 trains one paper CNN on the original training faces and reads the expression of the anonymised test faces
-(``pprl evaluate``'s recipe: 10 epochs, batch 64, one thread, judge seed 0 = the suite's own figure). Here the same
-judge is trained with ``--judges`` seeds, each bundle anonymises the test faces with the evaluation's own targets,
-and every judge scores every bundle: one row per bundle with each judge's figure, the mean and the spread. Printed,
+(``pprl evaluate``'s recipe: 10 epochs, batch 64, one thread; the suite's figure is the mean of judge seeds 0-4,
+``--expression-judges``). Here the same judge is trained with ``--judges`` seeds once for several bundles, each bundle
+anonymises the test faces with the evaluation's own targets, and every judge scores every bundle: one row per bundle
+with each judge's figure, the mean and the spread. Printed,
 and written to ``bench/results/expression-judges-<date>.json`` with the machine's load. Outside CI.
 """
 
