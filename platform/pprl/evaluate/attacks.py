@@ -87,13 +87,13 @@ def cost(*summaries: dict[str, Any], seconds: float = 0.0, cpu_seconds: float = 
     }
 
 
-def run_suite(results: dict[str, dict[str, Any]], data: EvalData, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def run_suite(results: dict[str, dict[str, Any]], data: EvalData) -> list[dict[str, Any]]:
     """Score every attack of the suite from the evaluation's job results (see ``scenarios.suite_jobs``)."""
     ids = data.test_rows["identity"].to_numpy(np.int64)
     chance = 1 / data.num_identities
     out = [_probe(name, results[probe_key(arch, "identity")], ids, chance) for name, arch in LATENT_PROBES.items()]
     out += [_attack_2(results, ids, chance), _inversion(results, ids, chance), _linkage(results, data, ids)]
-    return out + _expression(results, data, rows)
+    return out + _expression(results, data)
 
 
 def _attack_2(results: dict[str, dict[str, Any]], ids: np.ndarray, chance: float) -> dict[str, Any]:
@@ -106,16 +106,15 @@ def _attack_2(results: dict[str, dict[str, Any]], ids: np.ndarray, chance: float
                   resnet_epochs=len(resnet["history"]))  # fmt: skip
 
 
-def _expression(results: dict[str, dict[str, Any]], data: EvalData, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The expression judges on anonymised images (judge 0 is attack 1's CNN, its row) and the expression probe on the
-    exported latent."""
+def _expression(results: dict[str, dict[str, Any]], data: EvalData) -> list[dict[str, Any]]:
+    """The expression judges on anonymised images (judge 0 is attack 1's CNN, whose figure is its scenario row) and the
+    expression probe on the exported latent."""
     chance = 1 / data.num_expressions
     labels = data.test_rows["expression"].to_numpy(np.int64)
-    row = next(r for r in rows if r["scenario"] == "attack-1" and r["attacker"] == "paper-cnn")
     judges = [results["paper/expression/orig"]]
     while (key := f"{judge_attacker(len(judges))}/expression/orig") in results:
         judges.append(results[key])
-    figures = [row["expression_accuracy"], *(accuracy(j["predictions"]["anon"], labels) for j in judges[1:])]
+    figures = [accuracy(judge["predictions"]["anon"], labels) for judge in judges]
     probe = results[probe_key(EXPRESSION_PROBE, "expression")]
     figure = accuracy(probe["predictions"]["latent"], labels)
     return [
