@@ -550,7 +550,7 @@ def test_astronaut_clip_default_detector_via_cli(tmp_path, trained_model):
 
 
 @pytest.mark.slow
-def test_folder_on_ray_with_a_corrupt_file_and_a_rerun(tmp_path, trained_model, ray_head, monkeypatch):
+def test_folder_on_ray_with_a_corrupt_file_and_a_rerun(tmp_path, trained_model, ray_head, monkeypatch, caplog):
     monkeypatch.setenv("RAY_ADDRESS", ray_head["address"])
     clips = {"cam1/a.mp4": 1, "cam1/b.mp4": 2, "cam2/night/c.mkv": 3, "d.mp4": 4}
     for rel, seed in clips.items():
@@ -559,9 +559,12 @@ def test_folder_on_ray_with_a_corrupt_file_and_a_rerun(tmp_path, trained_model, 
         testclips.synthetic_clip(str(tmp_path / "in" / rel), spec, sidecar=str(tmp_path / "boxes" / rel.rsplit(".", 1)[0]) + ".parquet")
     testclips.corrupt_clip(str(tmp_path / "in" / "cam2" / "broken.mp4"))
     options = FootageOptions(model=trained_model, detector=DetectorSpec.parse(f"sidecar:{tmp_path / 'boxes'}"), batch_frames=8)
-    first = anonymize_footage(str(tmp_path / "in"), str(tmp_path / "out"), options, num_workers=2, progress=False)
+    with caplog.at_level("INFO", logger="pprl.footage"):
+        first = anonymize_footage(str(tmp_path / "in"), str(tmp_path / "out"), options, num_workers=2, progress=False)
     index = first.index.set_index("video_uri")
     assert (first.processed, first.errors) == (5, 1)
+    counted = sorted(r.getMessage().split("]")[0] for r in caplog.records if r.getMessage().startswith("["))
+    assert counted == [f"[{i}/5" for i in range(1, 6)]  # each video's log line counts it, also without a progress bar
     assert index.status.value_counts().to_dict() == {"done": 4, "error": 1}
     broken = index.loc[str(tmp_path / "in" / "cam2" / "broken.mp4")]
     assert "broken.mp4" in broken.error and pd.isna(broken.frames)

@@ -664,7 +664,7 @@ def anonymize_footage(
     errors = suspects = scored = out_of_domain = 0
     with _progress_bar(len(todo), progress) as bar:
         frames, started = 0, time.time()
-        for row in results:
+        for count, row in enumerate(results, start=1):  # bar.n stays 0 when the bar is disabled
             rows[row["video_uri"]] = row
             write_index(output_uri, rows)
             errors += row["status"] == "error"
@@ -676,7 +676,7 @@ def anonymize_footage(
             rate = frames / max(time.time() - started, 1e-9)
             bar.update(1)
             bar.set_postfix_str(f"{rate:.1f} frames/s, {errors} errors, {suspects} suspect frames")
-            _log_row(row, bar.n, len(todo), rate)
+            _log_row(row, count, len(todo), rate)
             if on_row:
                 on_row(row)
     table = write_index(output_uri, rows)

@@ -313,10 +313,35 @@ def run_images_job(request: JobRequest, progress: Progress | None = None) -> Pro
     items = [{"source_uri": s, "target_identity": parse_target(request.identity, num_ids, request.pseudonym_secret, random_key=s)} for s in todo]
     _quiet_data_context()
     env = {"env_vars": storage.s3_env()} if storage.s3_env() else None
-    blocks = max(1, min(len(items), math.ceil(len(items) / request.batch_size)))
     this_run = run_id()
     fence = ray.remote(num_cpus=0)(WriteFence).remote()
-    ds = (
+    complete = False
+    try:
+        ds = _pipeline(items, request, info, gate, env, this_run, fence)
+        # closing the iterator (at the end, on a cancel or an error) stops the pipeline and waits for its tasks
+        with contextlib.closing(iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))) as summaries:
+            for summary in summaries:
+                written = zip(*(summary.column(c).to_pylist() for c in ("part", "rows", "errors")), strict=True)
+                if not all(progress.publish(pending, rows, errors) for pending, rows, errors in written):  # stops at a refusal
+                    log.info("job writing to %s cancelled after %d parts", request.output, len(progress.parts))
+                    break
+            else:
+                complete = True
+    finally:
+        if not complete:
+            wait_for_writes(fence)
+            remove_unpublished(request.output, this_run)
+        ray.kill(fence)
+    return progress
+
+
+def _pipeline(items: list[dict[str, Any]], request: JobRequest, info: dict[str, Any], gate: Any,
+              env: dict[str, Any] | None, this_run: str, fence: Any) -> Any:
+    """The job's Ray Data pipeline: fetch and decode -> anonymise (an actor pool holding the model) -> write parts."""
+    import ray
+
+    blocks = max(1, min(len(items), math.ceil(len(items) / request.batch_size)))
+    return (
         ray.data.from_items(items, override_num_blocks=blocks)
         .map_batches(
             fetch_and_decode,
@@ -339,23 +364,6 @@ def run_images_job(request: JobRequest, progress: Progress | None = None) -> Pro
         .map_batches(write_part, batch_format="pyarrow", batch_size=None, runtime_env=env,
                      fn_kwargs={"output": request.output, "run_id": this_run, "latent": gate.record(), "fence": fence})
     )
-    complete = False
-    try:
-        # closing the iterator (at the end, on a cancel or an error) stops the pipeline and waits for its tasks
-        with contextlib.closing(iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))) as summaries:
-            for summary in summaries:
-                written = zip(*(summary.column(c).to_pylist() for c in ("part", "rows", "errors")), strict=True)
-                if not all(progress.publish(pending, rows, errors) for pending, rows, errors in written):  # stops at a refusal
-                    log.info("job writing to %s cancelled after %d parts", request.output, len(progress.parts))
-                    break
-            else:
-                complete = True
-    finally:
-        if not complete:
-            wait_for_writes(fence)
-            remove_unpublished(request.output, this_run)
-        ray.kill(fence)
-    return progress
 
 
 def run_id() -> str:
