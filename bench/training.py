@@ -14,6 +14,15 @@
   ``pprl.train.distributed.wrap_model`` (``prepare_model``), each rank reading its own shard of the training files
   through ``make_batches`` (DALI on CPU), as ``pprl train`` runs it. Ray gives each worker one CPU (and one torch
   thread). Efficiency = throughput(2 workers) / (2 x throughput(1 worker)).
+* Denormals: the same Trainer after ``TRAINED_STEPS`` untimed iterations, with and without
+  ``torch.set_flush_denormal(True)`` (set before the first iteration, so both train alike until denormals appear).
+  Arithmetic on subnormal floats is slow on x86, and a trained state iterates 12-16 % slower than fresh weights
+  here (831-872 against 950-1009 images/s in the three runs below). On a restored 450-iteration checkpoint,
+  flushing measured 94-119 ms per iteration against 100-135 ms (six alternating runs each, load average about 2;
+  the saved state held only 2 subnormal values, so any arise in the computation). This benchmark, three runs on
+  2026-12-04 (2 idle cores, AVX-512, load average 1.4-1.7; bench/results/training-denormals-2026-12-04-*.json):
+  1.24x, 0.99x and 1.03x (the last at 30 s per setting). So it is not a dependable lever, and flushing also changes
+  the numerics (a preset could enable it only after a multi-seed audit, bench/privacy_seeds.py).
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from pprl import cluster
 log = logging.getLogger("bench.training")
 PRESET = "cpu-quick"
 MATMUL_N = 2048
+TRAINED_STEPS = 300  # untimed iterations before the denormal variants are timed
 
 
 @contextlib.contextmanager
@@ -90,21 +100,25 @@ def single_process(job: dict[str, Any]) -> dict[str, Any]:
     cfg = Config.from_dict(job["config"])
     arrays = load_dataset(job["data"]).arrays("train", cfg.model.image_size)
     peak = matmul_peak(job["threads"], min(job["seconds"], 3.0))
+    torch.set_flush_denormal(job.get("flush_denormal", False))
     with torch_threads(job["threads"]):
         trainer = Trainer(cfg, InMemoryBatches(*arrays, cfg.train.batch_size), device="cpu", steps_per_epoch=1)
-        trainer.train_step()  # first-call allocations and kernel selection
+        for _ in range(max(1, job.get("trained_steps", 0))):  # the first: allocations and kernel selection
+            trainer.train_step()
         result = iterate(trainer, job["seconds"])
     return {**result, "threads": job["threads"], "matmul_peak_flops": peak}
 
 
-def run_variant(ctx: Context, cfg, threads: int, env: dict[str, str], seconds: float) -> dict[str, Any]:
-    job = {"config": cfg.to_dict(), "data": ctx.dataset(), "threads": threads, "seconds": seconds}
+def run_variant(ctx: Context, cfg, threads: int, env: dict[str, str], seconds: float, **options: Any) -> dict[str, Any]:
+    """``options``: ``trained_steps`` (untimed iterations first) and ``flush_denormal`` for the single-process job."""
+    job = {"config": cfg.to_dict(), "data": ctx.dataset(), "threads": threads, "seconds": seconds, **options}
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True, timeout=600,
                           env={**os.environ, **env})
     if proc.returncode != 0:
         raise RuntimeError(f"training variant {threads} thread(s) {env} failed: {proc.stderr[-2000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    log.info("trainer, %d thread(s) %s: %.1f images/s over %d iterations", threads, env or "", result["images_per_s"], result["steps"])
+    log.info("trainer, %d thread(s) %s %s: %.1f images/s over %d iterations", threads, env or "", options or "",
+             result["images_per_s"], result["steps"])
     return result
 
 
@@ -192,6 +206,19 @@ def variant_figures(name: str, speed: dict[str, Any], flops: float, cfg, **basel
     ]
 
 
+def denormal_figures(ctx: Context, cfg, threads: int, seconds: float) -> list[Figure]:
+    """A trained state with and without flushing subnormal floats to zero (see the module docstring)."""
+    kept = run_variant(ctx, cfg, threads, {}, seconds, trained_steps=TRAINED_STEPS)
+    flushed = run_variant(ctx, cfg, threads, {}, seconds, trained_steps=TRAINED_STEPS, flush_denormal=True)
+    name = f"{threads} threads, after {TRAINED_STEPS} iterations"
+    note = "speed only: flushing changes the numerics, and no preset enables it before a multi-seed audit"
+    return [
+        Figure("training", f"cpu-quick Trainer, {name}", kept["images_per_s"], "images/s", details=kept),
+        Figure("training", f"cpu-quick Trainer, {name}, denormals flushed", flushed["images_per_s"], "images/s",
+               baseline=f"cpu-quick Trainer, {name}", baseline_value=kept["images_per_s"], note=note, details=flushed),
+    ]
+
+
 def run(ctx: Context) -> list[Figure]:
     from pprl.config import load_config
 
@@ -209,6 +236,7 @@ def run(ctx: Context) -> list[Figure]:
         *variant_figures(f"{cores} threads, OMP_WAIT_POLICY=PASSIVE", passive, flops, cfg, baseline=default_name,
                          baseline_value=default["images_per_s"]),
     ]
+    figures += denormal_figures(ctx, cfg, cores, seconds)
     one, two = ddp_scaling(ctx, cfg)
     figures += [
         Figure("training", "DDP 1 worker (Ray Train, gloo)", one["images_per_s"], "images/s",
