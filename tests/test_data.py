@@ -171,6 +171,19 @@ def test_unreachable_s3_endpoint_fails_fast_naming_it(monkeypatch):
         load_dataset("s3://nowhere/data")
 
 
+def test_a_missing_bucket_fails_at_once_naming_it_and_what_to_check(s3_server, s3_bucket):
+    missing = f"{s3_bucket}-gone"
+    name = missing.removeprefix("s3://")
+    calls = [lambda: storage.list_files(f"{missing}/in"), lambda: storage.read_bytes(f"{missing}/a.png"),
+             lambda: storage.write_text(f"{missing}/out/a.txt", "x"), lambda: storage.read_parquet(f"{missing}/i.parquet"),
+             lambda: load_dataset(f"{missing}/data")]
+    for call in calls:
+        with pytest.raises(storage.StorageError, match=rf"bucket '{name}' does not exist at {s3_server}.*AWS_ENDPOINT_URL_S3"):
+            call()
+    with pytest.raises(storage.StorageError, match="no such file"):  # a missing key in a bucket that exists stays that
+        storage.read_bytes(f"{s3_bucket}/a.png")
+
+
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [

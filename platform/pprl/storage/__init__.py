@@ -7,6 +7,7 @@ S3 settings come from the standard environment variables, so MinIO and AWS both 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -146,8 +147,13 @@ def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def exists(uri: str) -> bool:
+    """Whether the file exists; on S3 a missing bucket is an error (StorageError), not a missing file."""
     fs, path = filesystem(uri)
-    return fs.exists(path)
+    with _s3_faults(uri):
+        found = fs.exists(path)
+        if not found and is_s3(uri):
+            _check_bucket(uri)
+    return found
 
 
 def makedirs(uri: str) -> None:
@@ -156,10 +162,56 @@ def makedirs(uri: str) -> None:
         fs.makedirs(path, exist_ok=True)
 
 
+@contextlib.contextmanager
+def _s3_faults(uri: str):
+    """A missing bucket or denied access on S3 becomes a :class:`StorageError` that names the bucket and the settings
+    to check: retrying cannot help, so the run stops at once instead of failing every item the same way."""
+    try:
+        yield
+    except OSError as err:  # s3fs: FileNotFoundError / PermissionError; pyarrow: OSError with S3's message
+        fault = _permanent_fault(uri, err) if is_s3(uri) else None
+        if fault is None:
+            raise
+        raise fault from None
+
+
+def _permanent_fault(uri: str, err: OSError) -> StorageError | None:
+    bucket = _bucket(uri)
+    if isinstance(err, PermissionError) or "AccessDenied" in str(err) or "Access Denied" in str(err):
+        return StorageError(f"{uri}: access to bucket {bucket!r} denied ({err}); check AWS_ACCESS_KEY_ID, "
+                            "AWS_SECRET_ACCESS_KEY and the bucket's policy")
+    try:
+        _check_bucket(uri)
+    except StorageError as missing:
+        return missing
+    except OSError:
+        pass
+    return None
+
+
+_BUCKETS_SEEN: set[tuple[str | None, str]] = set()  # (endpoint, bucket) found to exist; buckets are rarely deleted
+
+
+def _bucket(uri: str) -> str:
+    return strip_scheme(uri).split("/", 1)[0]
+
+
+def _check_bucket(uri: str) -> None:
+    """StorageError naming the bucket and the settings to check when ``uri``'s bucket does not exist."""
+    key = (s3_endpoint(), _bucket(uri))
+    if key in _BUCKETS_SEEN:
+        return
+    fs, _ = filesystem(uri)
+    if not fs.exists(key[1]):
+        raise StorageError(f"{uri}: bucket {key[1]!r} does not exist at {key[0] or 'AWS'}; create it, or check "
+                           "AWS_ENDPOINT_URL_S3 and AWS_DEFAULT_REGION")
+    _BUCKETS_SEEN.add(key)
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     try:
-        with fs.open(path, "rb") as f:
+        with _s3_faults(uri), fs.open(path, "rb") as f:
             return f.read()
     except FileNotFoundError:
         raise StorageError(f"{uri}: no such file") from None
@@ -173,7 +225,8 @@ def write_bytes(uri: str, data: bytes) -> None:
     """Atomic write: a temporary sibling renamed into place locally; one PUT on S3 (atomic by design)."""
     fs, path = filesystem(uri)
     if is_s3(uri):
-        fs.pipe_file(path, data)
+        with _s3_faults(uri):
+            fs.pipe_file(path, data)
         return
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
@@ -203,7 +256,8 @@ def write_parquet(table: pa.Table, uri: str) -> None:
 def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     fs, path = arrow_filesystem(uri)
     try:
-        return pq.read_table(path, filesystem=fs, columns=columns)
+        with _s3_faults(uri):
+            return pq.read_table(path, filesystem=fs, columns=columns)
     except FileNotFoundError:
         raise StorageError(f"{uri}: no such Parquet file") from None
 
@@ -211,7 +265,8 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
 def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
     """All files under a prefix (recursive), as full URIs in sorted order; a single file lists itself."""
     fs, path = filesystem(uri)
-    found = [path] if fs.isfile(path) else [p for p in fs.find(path) if not os.path.basename(p).startswith(".")]
+    with _s3_faults(uri):
+        found = [path] if fs.isfile(path) else [p for p in fs.find(path) if not os.path.basename(p).startswith(".")]
     if suffixes:
         found = [p for p in found if p.lower().endswith(suffixes)]
     prefix = "s3://" if is_s3(uri) else ""
