@@ -182,6 +182,10 @@ def test_a_missing_bucket_fails_at_once_naming_it_and_what_to_check(s3_server, s
             call()
     with pytest.raises(storage.StorageError, match="no such file"):  # a missing key in a bucket that exists stays that
         storage.read_bytes(f"{s3_bucket}/a.png")
+    # moto does not enforce credentials: s3fs's PermissionError (S3's AccessDenied) goes through the same translation
+    denied = pytest.raises(storage.StorageError, match=rf"access to bucket '{name}' denied.*AWS_SECRET_ACCESS_KEY")
+    with denied, storage._s3_faults(f"{missing}/a.png"):
+        raise PermissionError("Access Denied")
 
 
 @pytest.mark.parametrize(
