@@ -85,6 +85,8 @@ def anonymize_footage_command(
     done = int((index["status"] == "done").sum()) if len(index) else 0
     typer.echo(f"{output}: {done} videos done, {len(index) - done} failed in total; this run processed {summary.processed} "
                f"({summary.errors} errors), skipped {summary.skipped}. See {output.rstrip('/')}/index.parquet")
+    if summary.s3_retries:
+        typer.echo(f"S3: {summary.s3_retries} transient faults (throttling, 5xx, dropped connections) met and retried")
     suspects = summary.suspect_videos
     if len(suspects):
         typer.echo(f"LEAK AUDIT: {int(suspects.suspect_frames.sum())} frames in {len(suspects)} videos show a face outside every "

@@ -10,8 +10,9 @@ Per video (``process_video``)::
 
 Only ``batch_frames + max_gap`` decoded frames are held at a time. The video and its ``faces.parquet`` are written
 to staging files and moved into place when complete, the video first: an existing ``faces.parquet`` means the video
-is finished, which is what a rerun checks. The run-level ``index.parquet`` is rewritten (atomically) after every
-video, so a crash loses no finished video and a rerun picks up where the last one stopped.
+is finished, which is what a rerun checks (one listing of the output). The run-level ``index.parquet`` is rewritten
+(atomically) at most every ``INDEX_EVERY_S`` and at the end; a crash loses no finished video, because each
+``faces.parquet`` carries its index row, and a rerun picks up where the last one stopped.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import tempfile
 import time
@@ -103,8 +105,9 @@ INDEX_SCHEMA = pa.schema(
         pa.field("out_of_domain_share", pa.float64()),  # share of the faces out of domain; null without domain statistics
         pa.field("flicker", pa.float64()),  # sum(render_change) / sum(source_change) over the video's faces
         pa.field("identity_consistency", pa.float64()),  # share of faces whose judged identity is their target
+        pa.field("s3_retries", pa.int64()),  # transient S3 faults the video's task met and retried (0 on local disk)
     ],
-    metadata={"pprl.schema": "footage-index/v2"},
+    metadata={"pprl.schema": "footage-index/v3"},
 )
 
 
@@ -448,7 +451,7 @@ def process_video(task: VideoTask, options: FootageOptions) -> dict[str, Any]:
             staged += [video_tmp, faces_tmp]
             rows = _FaceRows(faces_tmp, latent)
             try:
-                with VideoReader(src) as reader, VideoWriter(video_tmp, reader, options.encode) as writer:
+                with VideoReader(src, task.input_uri) as reader, VideoWriter(video_tmp, reader, options.encode) as writer:
                     detector = make_detector(options.detector, task.rel, options.use_gpu)
                     run = _VideoRun(task, options, model, detector, writer, rows)
                     _stream(reader, writer, run, options, started)
@@ -523,15 +526,16 @@ def _row(task: VideoTask, status: str, frames, faces, tracks, seconds, error, ve
 def process_video_safe(task: VideoTask, options: FootageOptions) -> dict[str, Any]:
     """``process_video`` that turns any failure into an error row naming the video: one bad file never stops a run."""
     _worker_logging()
-    started = time.time()
+    started, retries = time.time(), storage.s3_retries()  # a task has its worker process to itself
     try:
-        return process_video(task, options)
+        row = process_video(task, options)
     except SetupError:
         raise
     except Exception as err:
         log.warning("%s failed: %s", task.input_uri, err)
         message = str(err) if task.input_uri in str(err) else f"{task.input_uri}: {err}"
-        return _row(task, "error", None, None, None, time.time() - started, f"{type(err).__name__}: {message}", None)
+        row = _row(task, "error", None, None, None, time.time() - started, f"{type(err).__name__}: {message}", None)
+    return row | {"s3_retries": storage.s3_retries() - retries}
 
 
 def _worker_logging() -> None:
@@ -581,14 +585,63 @@ def write_index(output_uri: str, rows: dict[str, dict[str, Any]]) -> pa.Table:
     return table
 
 
-def finished_row(task: VideoTask) -> dict[str, Any] | None:
-    """The index row of a finished video, read back from its faces.parquet (None when not finished)."""
-    if not (storage.exists(task.faces_uri) and storage.exists(task.output_uri)):
-        return None
-    fs, path = storage.arrow_filesystem(task.faces_uri)
-    with fs.open_input_file(path) as f:
+def _file_key(uri: str) -> str:
+    """``uri`` as :func:`storage.list_files` spells it, so the two can be compared."""
+    return uri if storage.is_s3(uri) else os.path.abspath(storage.strip_scheme(uri))
+
+
+def finished_rows(tasks: list[VideoTask], output_uri: str, rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Index rows of the tasks whose video and ``faces.parquet`` are both in the output, by input URI.
+
+    One listing of the output, not requests per video (an archive of 20,000 videos on S3 would otherwise spend
+    minutes on them); a ``faces.parquet`` is read only where ``rows`` (the index) lacks the video's done row: a run
+    that died between finishing a video and writing the index is healed here."""
+    try:
+        present = set(storage.list_files(output_uri))
+    except FileNotFoundError:
+        present = set()
+    finished = {}
+    for task in tasks:
+        if _file_key(task.faces_uri) not in present or _file_key(task.output_uri) not in present:
+            continue
+        row = rows.get(task.input_uri)
+        if row is None or row["status"] != "done":
+            row = _summary(task.faces_uri)
+        if row is not None:
+            finished[task.input_uri] = row
+    return finished
+
+
+def _summary(faces_uri: str) -> dict[str, Any] | None:
+    """The index row a finished video's ``faces.parquet`` carries in its metadata."""
+    fs, path = storage.filesystem(faces_uri)
+    with fs.open(path, "rb") as f:
         meta = pq.read_metadata(f).metadata or {}
     return json.loads(meta[SUMMARY_KEY]) if SUMMARY_KEY in meta else None
+
+
+_STAGED = re.compile(r"^\.(?P<base>.+)\.[0-9a-f]{12}\.part(\.[^.]*)?$")  # _staging's names
+
+
+def _sweep_staging(tasks: list[VideoTask]) -> int:
+    """Remove the local staging files (``_staging``) of these tasks' outputs: what attempts killed with their worker
+    or node left behind. Called when every attempt of the tasks has ended; returns how many were removed."""
+    names: dict[str, set[str]] = {}
+    for task in tasks:
+        for uri in (task.output_uri, task.faces_uri):
+            if not storage.is_s3(uri):
+                path = os.path.abspath(storage.strip_scheme(uri))
+                names.setdefault(os.path.dirname(path), set()).add(os.path.basename(path))
+    removed = 0
+    for directory, bases in names.items():
+        with contextlib.suppress(FileNotFoundError), os.scandir(directory) as entries:
+            for entry in entries:
+                staged = _STAGED.match(entry.name)
+                if staged and staged["base"] in bases:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                        removed += 1
+    return removed
 
 
 @dataclass
@@ -598,6 +651,7 @@ class RunSummary:
     skipped: int  # finished (or failed, without retry_errors) in an earlier run
     errors: int  # error rows written by this call
     suspect_frames: int = 0  # frames with a leak-audit suspect, in the videos this call processed
+    s3_retries: int = 0  # transient S3 faults the videos of this call met and retried
     domain_warning: str | None = None  # set when most faces of this call were out of the model's domain (logged once)
 
     @property
@@ -638,13 +692,10 @@ def anonymize_footage(
     options = dataclasses.replace(options, policy=options.policy.resolved(), latent=gate)
     tasks = plan(input_uri, output_uri)
     rows = read_index(output_uri)
-    todo = []
-    for task in tasks:
-        done = finished_row(task)
-        if done is not None:
-            rows.setdefault(task.input_uri, done)  # a crash after the commit but before the index write is healed here
-        elif not (rows.get(task.input_uri, {}).get("status") == "error" and not retry_errors):
-            todo.append(task)
+    finished = finished_rows(tasks, output_uri, rows)
+    rows |= finished
+    todo = [t for t in tasks if t.input_uri not in finished
+            and not (rows.get(t.input_uri, {}).get("status") == "error" and not retry_errors)]
     skipped = len(tasks) - len(todo)
     log.info("%s -> %s: %d videos, %d to process, %d finished or failed before", input_uri, output_uri, len(tasks), len(todo), skipped)
     storage.makedirs(output_uri)
@@ -661,14 +712,15 @@ def anonymize_footage(
     else:
         resources = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker if options.use_gpu else 0}
         results = _run_ray(todo, options, num_workers, resources, cancelled)
-    errors = suspects = scored = out_of_domain = 0
-    with _progress_bar(len(todo), progress) as bar:
+    errors = suspects = scored = out_of_domain = retries = 0
+    with _progress_bar(len(todo), progress) as bar, _index_writer(output_uri, rows) as save_index:
         frames, started = 0, time.time()
         for count, row in enumerate(results, start=1):  # bar.n stays 0 when the bar is disabled
             rows[row["video_uri"]] = row
-            write_index(output_uri, rows)
+            save_index()
             errors += row["status"] == "error"
             suspects += row.get("suspect_frames") or 0
+            retries += row.get("s3_retries") or 0
             frames += row["frames"] or 0
             if row.get("out_of_domain_share") is not None:
                 scored += row["faces"]
@@ -680,10 +732,38 @@ def anonymize_footage(
             if on_row:
                 on_row(row)
     table = write_index(output_uri, rows)
+    if removed := _sweep_staging(todo):
+        log.info("removed %d staging files left by attempts that did not finish (a lost worker or node)", removed)
     warning = mostly_out_of_domain(scored, out_of_domain)
     if warning:
         log.warning("%s", warning)
-    return RunSummary(table.to_pandas(), len(todo), skipped, errors, suspects, warning)
+    if retries:
+        log.info("%d transient S3 faults met and retried by the videos' tasks (index.parquet: s3_retries)", retries)
+    return RunSummary(table.to_pandas(), len(todo), skipped, errors, suspects, s3_retries=retries, domain_warning=warning)
+
+
+INDEX_EVERY_S = 10.0  # the index is rewritten at most this often during a run (and at its end)
+
+
+@contextlib.contextmanager
+def _index_writer(output_uri: str, rows: dict[str, dict[str, Any]]) -> Iterator[Callable[[], None]]:
+    """``save()`` rewrites ``index.parquet`` when :data:`INDEX_EVERY_S` have passed since the last write, so a run of
+    N videos writes it about run-time / 10 s times, not N times (each write is the whole index); when the run stops
+    on an error or an interrupt it is written once more. Between writes, finished videos are still safe: their
+    ``faces.parquet`` carries their row (``finished_rows``); an error row lost to a crash is retried by the rerun."""
+    last = time.monotonic()
+
+    def save() -> None:
+        nonlocal last
+        if time.monotonic() - last >= INDEX_EVERY_S:
+            write_index(output_uri, rows)
+            last = time.monotonic()
+
+    try:
+        yield save
+    except BaseException:
+        write_index(output_uri, rows)
+        raise
 
 
 def _log_row(row: dict[str, Any], done: int, total: int, rate: float) -> None:

@@ -6,6 +6,8 @@
 - ``astronaut_clip``: scikit-image's public-domain ``astronaut()`` photo panned and zoomed into a short clip, with
   the true face box per frame, to check the default (CenterFace) detector on a real face.
 - ``hopper_clip``: the same for matplotlib's sample photo of Grace Hopper (public domain): a second real person.
+- ``synthetic_archive``: many tiny clips in camera folders, a few corrupt: what the archive-scale tests and
+  ``bench/footage_archive.py`` run over.
 
 Faces are drawn in the middle third of a longer expression sequence, so every frame shows its expression clearly.
 """
@@ -245,3 +247,22 @@ def corrupt_clip(path: str, seed: int = 0) -> None:
     """A file with a video suffix whose bytes are not a video (as a truncated upload would be)."""
     rng = np.random.default_rng(seed)
     Path(path).write_bytes(b"\x00\x00\x00\x18ftypmp42" + rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+
+
+def synthetic_archive(root: str | Path, count: int, corrupt_every: int = 50) -> set[str]:
+    """``count`` tiny clips (4 frames of 128x64, one face) under ``root/in/cam<k>/`` in four camera folders, every
+    third with AAC audio and one in ``corrupt_every`` corrupt, their boxes under ``root/boxes`` (the sidecar
+    detector's mirror of the tree); returns the corrupt clips' paths."""
+    root = Path(root)
+    corrupt = set()
+    for i in range(count):
+        rel = f"cam{i % 4}/clip{i:05d}.mp4"
+        path = root / "in" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if i % corrupt_every == corrupt_every // 2:
+            corrupt_clip(str(path), seed=i)
+            corrupt.add(str(path))
+            continue
+        spec = ClipSpec(faces=1, frames=4, width=128, height=64, tile=56, seed=i, audio="aac" if i % 3 == 0 else None)
+        synthetic_clip(str(path), spec, sidecar=str(root / "boxes" / rel.replace(".mp4", ".parquet")))
+    return corrupt

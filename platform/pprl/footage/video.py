@@ -50,28 +50,32 @@ class Frame:
     image: np.ndarray
 
 
-def _open_input(path: str) -> av.container.InputContainer:
+def _open_input(path: str, name: str | None = None) -> av.container.InputContainer:
     try:
         return av.open(str(path), mode="r")
     except (av.error.FFmpegError, OSError, UnicodeDecodeError) as err:
-        raise VideoError(f"{path}: not a readable video ({err})") from None
+        reason = getattr(err, "strerror", None) or err  # FFmpeg's message without the (maybe temporary) path
+        raise VideoError(f"{name or path}: not a readable video ({reason})") from None
 
 
 class VideoReader:
-    """Iterate the frames of one video; non-video packets go to ``passthrough`` as they are read."""
+    """Iterate the frames of one video; non-video packets go to ``passthrough`` as they are read.
 
-    def __init__(self, path: str):
+    ``name`` is what errors call the video (default: ``path``), e.g. the S3 URI of a downloaded copy."""
+
+    def __init__(self, path: str, name: str | None = None):
         self.path = str(path)
-        self.container = _open_input(self.path)
+        self.name = name or self.path
+        self.container = _open_input(self.path, self.name)
         if not self.container.streams.video:
             self.container.close()
-            raise VideoError(f"{self.path}: no video stream")
+            raise VideoError(f"{self.name}: no video stream")
         self.video = self.container.streams.video[0]
         self.video.thread_type = "AUTO"
         self.audio = list(self.container.streams.audio)
         if self.video.codec_context.width <= 0 or self.video.codec_context.height <= 0:
             self.container.close()
-            raise VideoError(f"{self.path}: video stream has no frame size (unsupported codec?)")
+            raise VideoError(f"{self.name}: video stream has no frame size (unsupported codec?)")
 
     @property
     def width(self) -> int:
@@ -85,7 +89,7 @@ class VideoReader:
     def fps(self) -> Fraction:
         rate = self.video.average_rate or self.video.guessed_rate or self.video.base_rate
         if not rate:
-            raise VideoError(f"{self.path}: video stream has no frame rate")
+            raise VideoError(f"{self.name}: video stream has no frame rate")
         return Fraction(rate)
 
     def frames(self, passthrough: Callable[[av.Packet], None] | None = None) -> Iterator[Frame]:
@@ -102,9 +106,9 @@ class VideoReader:
                     yield self._frame(decoded, index)
                     index += 1
         except av.error.FFmpegError as err:
-            raise VideoError(f"{self.path}: decoding failed at frame {index} ({err})") from None
+            raise VideoError(f"{self.name}: decoding failed at frame {index} ({err})") from None
         if index == 0:
-            raise VideoError(f"{self.path}: no decodable video frames")
+            raise VideoError(f"{self.name}: no decodable video frames")
 
     def _frame(self, decoded: av.VideoFrame, index: int) -> Frame:
         """``time`` counts from the stream's start, in seconds."""
@@ -160,7 +164,7 @@ class VideoWriter:
         self.path = str(path)
         self.reader = reader
         try:
-            self.container = av.open(self.path, mode="w")
+            self.container = av.open(self.path, mode="w", options={"fflags": "+bitexact"})  # no random IDs or dates: a rerun writes the same bytes
         except (av.error.FFmpegError, ValueError) as err:
             raise VideoError(f"{self.path}: cannot create output ({err})") from None
         self.container.metadata.update(reader.container.metadata)

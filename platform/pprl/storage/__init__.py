@@ -3,6 +3,14 @@
 S3 settings come from the standard environment variables, so MinIO and AWS both work:
 ``AWS_ENDPOINT_URL_S3`` (or ``AWS_ENDPOINT_URL``), ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
 ``AWS_DEFAULT_REGION``. Writes are atomic: a reader sees the old object or the whole new one, never half.
+
+Transient S3 faults (5xx, SlowDown and other throttling, dropped connections) are retried with backoff by the
+S3 clients themselves: botocore's standard retry mode makes up to :data:`S3_MAX_ATTEMPTS` attempts per request
+(exponential backoff with full jitter), and s3fs repeats a whole call that still failed on throttling or a broken
+connection up to ``S3FileSystem.retries`` (5) times; pyarrow's own S3 client, used by Ray Data and Ray Train, makes
+up to :data:`S3_MAX_ATTEMPTS` attempts. Every failed attempt of pprl's own requests is counted
+(:func:`s3_retries`), so a run can say how many faults it absorbed. A permanent fault (no bucket, access denied)
+is not retried: it becomes a :class:`StorageError` naming the bucket and the settings to check.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import os
 import re
 import socket
 import tempfile
+import threading
 import uuid
 from functools import lru_cache
 from pathlib import Path
@@ -101,19 +110,50 @@ def check_endpoint(endpoint: str | None = None, timeout: float = 3.0) -> None:
         raise StorageError(f"S3 endpoint {endpoint} is not reachable ({err}); check AWS_ENDPOINT_URL_S3") from None
 
 
+S3_MAX_ATTEMPTS = 5  # per S3 request, the first included: botocore's standard retry mode, and pyarrow's
+
+
+class _RetryCounter:
+    """Failed attempts of this process's S3 requests that were transient (the kind the clients retry)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def on_attempt(self, response=None, caught_exception=None, **_) -> None:
+        """botocore's ``needs-retry`` event: called after every attempt, successful or not."""
+        status = response[0].status_code if response is not None else None
+        if caught_exception is not None or (status is not None and (status >= 500 or status == 429)):
+            with self._lock:
+                self.count += 1
+
+
+_RETRIES = _RetryCounter()
+
+
+def s3_retries() -> int:
+    """Transient S3 faults this process has met so far (each one retried, unless its request ran out of attempts)."""
+    return _RETRIES.count
+
+
 @lru_cache(maxsize=8)
 def _s3fs(endpoint: str | None, key: str | None, secret: str | None, region: str | None):
     import s3fs
+    from aiobotocore.session import AioSession
 
     client_kwargs = {"region_name": region} if region else {}
     if endpoint:
         client_kwargs["endpoint_url"] = endpoint
+    session = AioSession()
+    session.register("needs-retry.s3", _RETRIES.on_attempt)
     return s3fs.S3FileSystem(
         key=key,
         secret=secret,
         anon=False,
+        session=session,
         client_kwargs=client_kwargs,
-        config_kwargs={"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3}},
+        config_kwargs={"connect_timeout": 5, "read_timeout": 60,
+                       "retries": {"mode": "standard", "total_max_attempts": S3_MAX_ATTEMPTS}},
         use_listings_cache=False,
         skip_instance_cache=True,
     )
@@ -134,7 +174,8 @@ def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if is_s3(uri):
         check_endpoint()
         endpoint = s3_endpoint()
-        kwargs: dict = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+        kwargs: dict = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+                        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS)}
         if endpoint:
             parsed = urlparse(endpoint)
             kwargs["endpoint_override"] = parsed.netloc or endpoint
@@ -254,10 +295,10 @@ def write_parquet(table: pa.Table, uri: str) -> None:
 
 
 def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
-    fs, path = arrow_filesystem(uri)
+    fs, path = filesystem(uri)
     try:
-        with _s3_faults(uri):
-            return pq.read_table(path, filesystem=fs, columns=columns)
+        with _s3_faults(uri), fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=columns)
     except FileNotFoundError:
         raise StorageError(f"{uri}: no such Parquet file") from None
 
