@@ -254,3 +254,51 @@ def test_anonymize_images_cli_over_a_dataset_manifest_stores_inputs_on_request_a
     overridden = storage.list_files(override, (".parquet",))
     assert all(len(r["latent"]) == 64 for p in overridden for r in pq.read_table(p).to_pylist())  # the operator's choice
     assert all(schema.latent_record(pq.read_schema(p))["override"] for p in overridden)  # and it says so
+
+
+@pytest.mark.slow
+def test_a_killed_images_job_driver_is_resumed_with_every_image_exactly_once(ray_head, tiny_bundle, tmp_path):
+    """``pprl anonymize-images`` over 2,000 images, killed with SIGKILL once a number of parts drawn at random is
+    published; the rerun does exactly the images not in a published part, leaves those parts untouched and removes
+    what the killed driver had written but not published."""
+    import random
+    import signal
+    import subprocess
+    import sys
+
+    import ray
+
+    from pprl.serve.batch import JobRequest, run_images_job
+
+    sources = set()
+    for i in range(2000):
+        path = tmp_path / "in" / f"shelf{i % 8}" / f"{i:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"not a png at all" if i % 400 == 7 else png_bytes(16, seed=i))
+        sources.add(str(path))
+    out = tmp_path / "out"
+    kill_after = random.Random(11).randint(3, 40)
+    cmd = [sys.executable, "-m", "pprl", "anonymize-images", "--input", str(tmp_path / "in"), "--output", str(out),
+           "--model", tiny_bundle, "--batch-size", "25", "--address", ray_head["address"]]
+    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while len(list(out.glob("part-*.parquet"))) < kill_after:
+        assert driver.poll() is None, f"the job ended before it could be killed: {driver.stderr.read()[-2000:]}"
+        time.sleep(0.01)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    published = {p: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    done_before = {r for p in published for r in pq.read_table(p, columns=["source_uri"]).column("source_uri").to_pylist()}
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address=ray_head["address"])
+    try:
+        progress = run_images_job(JobRequest(input=str(tmp_path / "in"), output=str(out), model_uri=tiny_bundle, batch_size=25))
+    finally:
+        ray.shutdown()
+    assert (progress.total, progress.skipped) == (2000, len(done_before)) and 0 < len(done_before) < 2000
+    assert progress.done + progress.failed == 2000 - len(done_before)
+    assert {p: p.stat().st_mtime_ns for p in published} == published  # nothing published before was rewritten
+    rows = [r for p in sorted(out.glob("part-*.parquet")) for r in pq.read_table(p, columns=["source_uri", "error"]).to_pylist()]
+    assert sorted(r["source_uri"] for r in rows) == sorted(sources)  # every image exactly once
+    assert sum(r["error"] is not None for r in rows) == 5  # the five files that are not PNGs, as error rows
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # the killed driver's unpublished parts are gone

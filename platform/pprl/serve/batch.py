@@ -8,7 +8,8 @@
 
 Every source ends up in exactly one row (or one row per face, for kinds that detect several): a file that cannot
 be read or decoded becomes a row with ``error`` set, never a failed job. A rerun with the same output prefix skips
-every source already present in a part file there, so an interrupted or cancelled job resumes where it stopped.
+every source already present in a part file there, so an interrupted or cancelled job resumes where it stopped; it
+first deletes the parts a killed driver had written but not published.
 Once a cancel has been requested (:meth:`Progress.request_cancel`) no part is published any more; the job stops its
 pipeline, waits for the part writes in flight (:class:`WriteFence`) and removes what its tasks had written but not
 published.
@@ -276,18 +277,21 @@ def wait_for_writes(fence: Any) -> None:
         log.warning("%d part writes still unfinished after %.0f s; clearing unpublished parts without them", inside, FENCE_TIMEOUT_S)
 
 
-def remove_unpublished(output: str, run_id: str) -> None:
-    """Delete this run's hidden files under ``output``: parts never published and temporary files of cut-short writes.
+def remove_unpublished(output: str, run_id: str | None = None) -> None:
+    """Delete a run's hidden files under ``output``: parts never published and temporary files of cut-short writes;
+    with ``run_id=None`` those of every run (what drivers that were killed left behind).
 
-    Call it once the pipeline has stopped (no task of this run writes any more)."""
+    Call it when no task of that run writes any more: once its pipeline has stopped, or (``None``) before a run
+    starts, as only one run writes to an output at a time (the job server refuses a second one, 409)."""
     fs, path = storage.filesystem(output)
     if not fs.exists(path):
         return
-    leftovers = [p for p in fs.find(path) if os.path.basename(p).startswith(".") and f"part-{run_id}-" in os.path.basename(p)]
+    mark = f"part-{run_id}-" if run_id else "part-"
+    leftovers = [p for p in fs.find(path) if os.path.basename(p).startswith(".") and mark in os.path.basename(p)]
     for leftover in leftovers:
         fs.rm(leftover)
     if leftovers:
-        log.info("removed %d unpublished files of run %s from %s", len(leftovers), run_id, output)
+        log.info("removed %d unpublished files of %s from %s", len(leftovers), f"run {run_id}" if run_id else "earlier runs", output)
 
 
 # --- driver ----------------------------------------------------------------------------------------------------
@@ -309,6 +313,7 @@ def run_images_job(request: JobRequest, progress: Progress | None = None) -> Pro
         return progress
     gate.log(f"images job -> {request.output}")
     storage.makedirs(request.output)
+    remove_unpublished(request.output)  # parts a killed driver had not published: their sources are in todo again
     num_ids = int(info["num_identities"])
     items = [{"source_uri": s, "target_identity": parse_target(request.identity, num_ids, request.pseudonym_secret, random_key=s)} for s in todo]
     _quiet_data_context()
