@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from PIL import Image
@@ -371,3 +372,42 @@ def test_refuses_to_start_without_a_token_or_with_unsafe_settings(monkeypatch, c
         ServeSettings(model_uri=model, max_batch_size=32, max_ongoing_requests=8)
     with pytest.raises(ValueError, match="unknown serve setting"):
         ServeSettings.from_dict({"model_uri": model, "max_batch": 4})
+
+
+@pytest.mark.slow
+def test_a_job_whose_replica_dies_is_resumed_by_resubmitting_it(server, client, faces):
+    """The ``Jobs`` replica (the images job's driver) is killed while a 400-image job runs: Serve starts a new one,
+    which has forgotten the job; submitting it again does exactly the images not in a published part, and every
+    image ends up in exactly one row with nothing hidden left."""
+    import ray
+
+    images, _ = faces
+    source, output = (Path(server["local"]) / "replica" / name for name in ("in", "out"))
+    source.mkdir(parents=True)
+    for i in range(400):  # 50 parts of job_batch_size 8
+        (source / f"face-{i:04d}.png").write_bytes(images[i % len(images)])
+    job = {"input": str(source), "output": str(output)}
+    first = client.post("/v1/jobs", json=job).json()
+    deadline = time.time() + 180
+    while len(list(output.glob("part-*.parquet"))) < 3:
+        status = client.get(f"/v1/jobs/{first['id']}").json()
+        assert status["state"] in ("queued", "running") and time.time() < deadline, status
+        time.sleep(0.05)
+    replica = next(a for a in ray.util.list_named_actors(all_namespaces=True) if "#Jobs#" in a["name"])
+    ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+    print(f"replica killed after {time.time() - deadline + 180:.1f} s")
+    published = {p: p.stat().st_mtime_ns for p in output.glob("part-*.parquet")}
+    while (forgotten := client.get(f"/v1/jobs/{first['id']}")).status_code != 404:  # the new replica knows no such job
+        assert time.time() < deadline, forgotten.text
+        time.sleep(0.2)
+    done_before = {r["source_uri"] for p in output.glob("part-*.parquet") for r in pq.read_table(p, columns=["source_uri"]).to_pylist()}
+    print(f"a new replica answers after {time.time() - deadline + 180:.1f} s")
+    rerun = wait_for(client, client.post("/v1/jobs", json=job).json()["id"])
+    print(f"the rerun ends after {time.time() - deadline + 180:.1f} s")
+    assert rerun["state"] == "succeeded", rerun
+    assert rerun["counts"]["skipped"] == len(done_before) and 0 < len(done_before) < 400
+    assert rerun["counts"]["done"] + rerun["counts"]["failed"] == 400 - len(done_before)
+    assert all(p.stat().st_mtime_ns == mtime for p, mtime in published.items())  # published parts left as they were
+    parts, rows = read_output(str(output))
+    assert sorted(r["source_uri"] for r in rows) == sorted(str(p) for p in source.iterdir())  # each image exactly once
+    assert not [p.name for p in output.iterdir() if p.name.startswith(".")]
