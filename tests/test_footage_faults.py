@@ -25,7 +25,7 @@ import pandas as pd
 import pytest
 
 from pprl import cluster
-from pprl.footage import testclips
+from pprl.footage import pipeline, testclips
 from pprl.footage.audit import AuditOptions
 from pprl.footage.detect import DetectorSpec
 from pprl.footage.pipeline import FACES_SUFFIX, INDEX_NAME, FootageOptions, TargetPolicy, anonymize_footage
@@ -135,6 +135,7 @@ def test_an_archive_run_survives_losing_a_worker_node(tmp_path, tiny_bundle, mon
     out = tmp_path / "out"
     with cluster.LocalHead(num_cpus=1) as head, worker_node(head) as (node, mark):
         monkeypatch.setenv("RAY_ADDRESS", head.address)
+        monkeypatch.setattr(pipeline, "INDEX_EVERY_S", 2.0)  # so that the index is rewritten during the run here
         killed: dict[str, int] = {}
 
         def kill_the_node_mid_run() -> None:
@@ -142,6 +143,9 @@ def test_an_archive_run_survives_losing_a_worker_node(tmp_path, tiny_bundle, mon
                 time.sleep(0.01)
             killed["finished"] = len(list(out.rglob(f"*{FACES_SUFFIX}")))
             os.killpg(node.pid, signal.SIGKILL)
+            while not (out / INDEX_NAME).exists():
+                time.sleep(0.05)
+            killed["index_rows"] = len(pd.read_parquet(out / INDEX_NAME))  # readable while the run goes on
 
         threading.Thread(target=kill_the_node_mid_run, daemon=True).start()
         started = time.time()
@@ -153,6 +157,7 @@ def test_an_archive_run_survives_losing_a_worker_node(tmp_path, tiny_bundle, mon
     print(f"200 videos on two nodes, the worker node killed after {killed.get('finished')}: {seconds:.1f} s; attempts: "
           f"{collections.Counter((a.state, a.attempt_number, a.error_type) for a in attempts)}")
     assert 200 // 3 <= killed.get("finished", 200) < 200 - 2, "the node was not killed mid-run"
+    assert 0 < killed["index_rows"] < 200
     check_exactly_once(out, summary.index, 200, corrupt)
     assert (summary.processed, summary.errors) == (200, len(corrupt))
     nodes = {a.node_id for a in attempts if a.state == "FINISHED"}
