@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
@@ -186,6 +187,10 @@ def test_a_missing_bucket_fails_at_once_naming_it_and_what_to_check(s3_server, s
     denied = pytest.raises(storage.StorageError, match=rf"access to bucket '{name}' denied.*AWS_SECRET_ACCESS_KEY")
     with denied, storage._s3_faults(f"{missing}/a.png"):
         raise PermissionError("Access Denied")
+    # what is left after the clients' retries (s3fs's OSError for SlowDown) names the object and says it was retried
+    throttled = pytest.raises(storage.StorageError, match=rf"{s3_bucket}/a.png: .*reduce your request rate.*kept failing through the retries")
+    with throttled, storage._s3_faults(f"{s3_bucket}/a.png"):
+        raise OSError(errno.EBUSY, "Please reduce your request rate.")
 
 
 @pytest.mark.parametrize(

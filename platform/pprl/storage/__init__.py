@@ -205,15 +205,21 @@ def makedirs(uri: str) -> None:
 
 @contextlib.contextmanager
 def _s3_faults(uri: str):
-    """A missing bucket or denied access on S3 becomes a :class:`StorageError` that names the bucket and the settings
-    to check: retrying cannot help, so the run stops at once instead of failing every item the same way."""
+    """S3 errors as :class:`StorageError` naming the URI. A missing bucket or denied access names the bucket and the
+    settings to check: retrying cannot help, so the run stops at once instead of failing every item the same way.
+    Any other error (a missing key aside, which stays FileNotFoundError) is what was left after the clients' retries."""
     try:
         yield
-    except OSError as err:  # s3fs: FileNotFoundError / PermissionError; pyarrow: OSError with S3's message
-        fault = _permanent_fault(uri, err) if is_s3(uri) else None
-        if fault is None:
+    except OSError as err:  # s3fs: FileNotFoundError / PermissionError / OSError(EBUSY) for throttling...
+        if not is_s3(uri):
             raise
-        raise fault from None
+        fault = _permanent_fault(uri, err)
+        if fault is not None:
+            raise fault from None
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise StorageError(f"{uri}: {err} (S3 kept failing through the retries: {S3_MAX_ATTEMPTS} attempts a request, "
+                           "each call repeated up to 5 times)") from err
 
 
 def _permanent_fault(uri: str, err: OSError) -> StorageError | None:
