@@ -277,9 +277,9 @@ def test_a_killed_images_job_driver_is_resumed_with_every_image_exactly_once(ray
         path.write_bytes(b"not a png at all" if i % 400 == 7 else png_bytes(16, seed=i))
         sources.add(str(path))
     out = tmp_path / "out"
-    kill_after = random.Random(11).randint(3, 40)
+    kill_after = random.Random(11).randint(2, 15)
     cmd = [sys.executable, "-m", "pprl", "anonymize-images", "--input", str(tmp_path / "in"), "--output", str(out),
-           "--model", tiny_bundle, "--batch-size", "25", "--address", ray_head["address"]]
+           "--model", tiny_bundle, "--batch-size", "100", "--address", ray_head["address"]]
     driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     while len(list(out.glob("part-*.parquet"))) < kill_after:
         assert driver.poll() is None, f"the job ended before it could be killed: {driver.stderr.read()[-2000:]}"
@@ -292,7 +292,7 @@ def test_a_killed_images_job_driver_is_resumed_with_every_image_exactly_once(ray
         ray.shutdown()
     ray.init(address=ray_head["address"])
     try:
-        progress = run_images_job(JobRequest(input=str(tmp_path / "in"), output=str(out), model_uri=tiny_bundle, batch_size=25))
+        progress = run_images_job(JobRequest(input=str(tmp_path / "in"), output=str(out), model_uri=tiny_bundle, batch_size=100))
     finally:
         ray.shutdown()
     assert (progress.total, progress.skipped) == (2000, len(done_before)) and 0 < len(done_before) < 2000
