@@ -406,6 +406,9 @@ def _nullable(values: np.ndarray) -> list[float | None]:
     return [None if np.isnan(v) else float(v) for v in values]
 
 
+_STAGED = re.compile(r"^\.(?P<base>.+)\.[0-9a-f]{12}\.part(\.[^.]*)?$")  # the local names _staging gives
+
+
 def _staging(uri: str, tmp: str, name: str) -> str:
     """Where an output is written before it is moved into place. Locally a hidden sibling (same filesystem, so the
     move is an atomic rename; the extension is kept because it picks the container format); for S3 a local file."""
@@ -620,9 +623,6 @@ def _summary(faces_uri: str) -> dict[str, Any] | None:
     return json.loads(meta[SUMMARY_KEY]) if SUMMARY_KEY in meta else None
 
 
-_STAGED = re.compile(r"^\.(?P<base>.+)\.[0-9a-f]{12}\.part(\.[^.]*)?$")  # _staging's names
-
-
 def _sweep_staging(tasks: list[VideoTask]) -> int:
     """Remove the local staging files (``_staging``) of these tasks' outputs: what attempts killed with their worker
     or node left behind. Called when every attempt of the tasks has ended; returns how many were removed."""
@@ -630,7 +630,7 @@ def _sweep_staging(tasks: list[VideoTask]) -> int:
     for task in tasks:
         for uri in (task.output_uri, task.faces_uri):
             if not storage.is_s3(uri):
-                path = os.path.abspath(storage.strip_scheme(uri))
+                path = _file_key(uri)
                 names.setdefault(os.path.dirname(path), set()).add(os.path.basename(path))
     removed = 0
     for directory, bases in names.items():

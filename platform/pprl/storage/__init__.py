@@ -7,7 +7,7 @@ S3 settings come from the standard environment variables, so MinIO and AWS both 
 Transient S3 faults (5xx, SlowDown and other throttling, dropped connections) are retried with backoff by the
 S3 clients themselves: botocore's standard retry mode makes up to :data:`S3_MAX_ATTEMPTS` attempts per request
 (exponential backoff with full jitter), and s3fs repeats a whole call that still failed on throttling or a broken
-connection up to ``S3FileSystem.retries`` (5) times; pyarrow's own S3 client, used by Ray Data and Ray Train, makes
+connection up to :data:`S3FS_CALL_REPEATS` times; pyarrow's own S3 client, used by Ray Data and Ray Train, makes
 up to :data:`S3_MAX_ATTEMPTS` attempts. Every failed attempt of pprl's own requests is counted
 (:func:`s3_retries`), so a run can say how many faults it absorbed. A permanent fault (no bucket, access denied)
 is not retried: it becomes a :class:`StorageError` naming the bucket and the settings to check.
@@ -111,6 +111,7 @@ def check_endpoint(endpoint: str | None = None, timeout: float = 3.0) -> None:
 
 
 S3_MAX_ATTEMPTS = 5  # per S3 request, the first included: botocore's standard retry mode, and pyarrow's
+S3FS_CALL_REPEATS = 5  # s3fs repeats a call that still failed on throttling or a broken connection (its own default)
 
 
 class _RetryCounter:
@@ -146,7 +147,7 @@ def _s3fs(endpoint: str | None, key: str | None, secret: str | None, region: str
         client_kwargs["endpoint_url"] = endpoint
     session = AioSession()
     session.register("needs-retry.s3", _RETRIES.on_attempt)
-    return s3fs.S3FileSystem(
+    fs = s3fs.S3FileSystem(
         key=key,
         secret=secret,
         anon=False,
@@ -157,6 +158,8 @@ def _s3fs(endpoint: str | None, key: str | None, secret: str | None, region: str
         use_listings_cache=False,
         skip_instance_cache=True,
     )
+    fs.retries = S3FS_CALL_REPEATS
+    return fs
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -219,7 +222,7 @@ def _s3_faults(uri: str):
         if isinstance(err, FileNotFoundError):
             raise
         raise StorageError(f"{uri}: {err} (S3 kept failing through the retries: {S3_MAX_ATTEMPTS} attempts a request, "
-                           "each call repeated up to 5 times)") from err
+                           f"each call repeated up to {S3FS_CALL_REPEATS} times)") from err
 
 
 def _permanent_fault(uri: str, err: OSError) -> StorageError | None:
